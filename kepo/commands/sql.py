@@ -1,0 +1,79 @@
+"""`kepo sql`: read-only SQL over a run's DuckDB file, ad hoc or by name from `dashboards/`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import pyarrow as pa
+import typer
+from rich.console import Console
+from rich.table import Table as RichTable
+
+from kepo.store import Store, StoreError
+
+DASHBOARDS_DIR = Path(__file__).resolve().parents[2] / "dashboards"
+
+
+def named_query(name: str) -> str:
+    """The SQL text of `dashboards/<name>.sql`."""
+    path = DASHBOARDS_DIR / f"{name}.sql"
+    if not path.is_file():
+        known = sorted(p.stem for p in DASHBOARDS_DIR.glob("*.sql"))
+        raise StoreError(f"no named query {name!r}; known: {', '.join(known) or 'none'} (files in dashboards/)")
+    return path.read_text()
+
+
+def _cell(value: object, width: int = 60) -> str:
+    text = "NULL" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def print_table(result: pa.Table, console: Console, title: str | None = None) -> None:
+    table = RichTable(title=title, show_lines=False)
+    for name in result.column_names:
+        table.add_column(name, overflow="fold")
+    for row in result.to_pylist():
+        table.add_row(*(_cell(v) for v in row.values()))
+    console.print(table)
+    console.print(f"[dim]{result.num_rows} row(s)[/dim]")
+
+
+def sql(
+    query: Annotated[str | None, typer.Argument(help="A SELECT statement.")] = None,
+    db: Annotated[Path, typer.Option("--db", help="DuckDB file (<workdir>/kepo.duckdb).")] = Path("work/demo/kepo.duckdb"),
+    name: Annotated[str | None, typer.Option("--query", "-q", help="Run dashboards/NAME.sql instead.")] = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    lock_timeout_s: Annotated[float, typer.Option(help="Wait this long for a writer to finish.")] = 30.0,
+) -> None:
+    """Run a read-only query (SELECT/EXPLAIN only) and print the result."""
+    err = Console(stderr=True)
+    if (query is None) == (name is None):
+        err.print("[red]give either a SELECT statement or --query NAME[/red]")
+        raise typer.Exit(2)
+    try:
+        text = named_query(name) if name else query
+        result = Store(db, lock_timeout_s=lock_timeout_s).query(text)  # type: ignore[arg-type]
+    except StoreError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    except Exception as e:  # duckdb errors: bad column names etc.
+        err.print(f"[red]query failed:[/red] {e}")
+        raise typer.Exit(1) from None
+    if as_json:
+        for row in result.to_pylist():
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+    elif as_csv:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(result.column_names)
+        for row in result.to_pylist():
+            writer.writerow(row.values())
+        sys.stdout.write(buf.getvalue())
+    else:
+        print_table(result, Console(), title=name)

@@ -1,0 +1,64 @@
+"""Config loading: one-line errors that name the field and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kepo.config import ConfigError, RunConfig, describe_fields, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_malformed_yaml_gives_one_line_with_location(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("run_id: x\nrollout:\n  group_size: 4\n   budget: [1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "\n" not in msg and "malformed YAML" in msg and "line" in msg and str(path) in msg
+
+
+def test_invalid_value_names_the_field_and_fix(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("rollout:\n  group_size: 0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "rollout.group_size" in msg and "greater than or equal to 2" in msg and "fix the value" in msg
+
+
+def test_unknown_field_and_cross_field_errors(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("rollout:\n  grup_size: 4\n")
+    with pytest.raises(ConfigError, match=r"rollout.grup_size: unknown field"):
+        load_config(path)
+    path.write_text("algorithm:\n  name: kepo\nmodels:\n  teacher: null\n")
+    with pytest.raises(ConfigError, match=r"needs a teacher: set models.teacher"):
+        load_config(path)
+    path.write_text("rollout:\n  group_size: 2\n  exploration:\n    inject_k: 3\n")
+    with pytest.raises(ConfigError, match=r"lower inject_k or raise group_size"):
+        load_config(path)
+
+
+def test_base_include_and_overrides(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("seed: 3\nrollout:\n  group_size: 4\n  budget_unused: null\n".replace("  budget_unused: null\n", ""))
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nrollout:\n  prompts_per_iteration: 2\n")
+    cfg = load_config(tmp_path / "child.yaml", overrides={"train.learning_rate": 1e-3})
+    assert (cfg.seed, cfg.rollout.group_size, cfg.rollout.prompts_per_iteration) == (3, 4, 2)
+    assert cfg.train.learning_rate == 1e-3
+
+
+def test_every_field_has_a_description() -> None:
+    rows = describe_fields(RunConfig)
+    assert len(rows) > 50
+    missing = [name for name, _, desc in rows if not desc.strip()]
+    assert missing == []
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("**/*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)

@@ -1,0 +1,179 @@
+"""The store: idempotent partition writes, atomicity under SIGKILL, lock handling, validation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from kepo.store import Store, StoreError, StoreLockedError, ValidationFailed, check_read_only
+
+
+def _metric_rows(run_id: str, iteration: int, accuracy: float) -> list[dict]:
+    return [
+        {"run_id": run_id, "iteration": iteration, "modality": m, "in_domain": m == "MRI", "n": 10,
+         "n_correct": round(accuracy * 10), "accuracy": accuracy, "ci_low": 0.0, "ci_high": 1.0}
+        for m in ("MRI", "CT")
+    ]
+
+
+def test_writing_a_partition_twice_keeps_one_copy(tmp_path: Path) -> None:
+    store = Store(tmp_path / "kepo.duckdb")
+    store.overwrite_partition("eval_metrics", _metric_rows("r", 0, 0.5), "r", 0)
+    store.overwrite_partition("eval_metrics", _metric_rows("r", 0, 0.7), "r", 0)
+    store.overwrite_partition("eval_metrics", _metric_rows("r", 1, 0.9), "r", 1)
+    rows = store.query("SELECT iteration, modality, accuracy FROM eval_metrics ORDER BY 1, 2").to_pylist()
+    assert rows == [
+        {"iteration": 0, "modality": "CT", "accuracy": 0.7},
+        {"iteration": 0, "modality": "MRI", "accuracy": 0.7},
+        {"iteration": 1, "modality": "CT", "accuracy": 0.9},
+        {"iteration": 1, "modality": "MRI", "accuracy": 0.9},
+    ]
+
+
+def test_rows_outside_the_partition_are_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path / "kepo.duckdb")
+    with pytest.raises(StoreError, match="outside the partition"):
+        store.overwrite_partition("eval_metrics", _metric_rows("r", 1, 0.5), "r", 0)
+
+
+def test_invalid_rows_name_the_record_and_column(tmp_path: Path) -> None:
+    store = Store(tmp_path / "kepo.duckdb")
+    rows = _metric_rows("r", 0, 0.5)
+    rows[1]["modality"] = "PET"
+    with pytest.raises(ValidationFailed, match=r"record 1 .*modality='PET'.*column modality = 'PET' must be one of"):
+        store.overwrite_partition("eval_metrics", rows, "r", 0)
+    rows = _metric_rows("r", 0, 0.5)
+    rows[0]["accuracy"] = 1.5
+    with pytest.raises(ValidationFailed, match=r"column accuracy = 1.5 must be a value in \[0, 1\]"):
+        store.overwrite_partition("eval_metrics", rows, "r", 0)
+    rows = _metric_rows("r", 0, 0.5)
+    del rows[0]["n"]
+    with pytest.raises(ValidationFailed, match=r"missing columns \['n'\]"):
+        store.overwrite_partition("eval_metrics", rows, "r", 0)
+    assert store.count("eval_metrics") == 0  # nothing half-written
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    from kepo.store import Store
+    path, value, n = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    rows = [
+        {"run_id": "r", "iteration": 0, "step": i, "global_step": i, "pass_idx": 0,
+         "loss_total": value, "loss_pg": None, "loss_distill": None, "loss_kl": None,
+         "loss_sft": None, "clipfrac": None, "approx_kl": None, "gate_frac_open": None,
+         "grad_norm": None, "lr": value, "n_sequences": 1, "n_tokens": 1, "step_time_s": 0.0,
+         "skipped": False, "skip_reason": None}
+        for i in range(n)
+    ]
+    print("ready", flush=True)
+    Store(path).overwrite_partition("train_steps", rows, "r", 0)
+    print("done", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigkill_during_overwrite_leaves_old_or_new_partition(tmp_path: Path) -> None:
+    db = tmp_path / "kepo.duckdb"
+    n = 200_000
+    subprocess.run([sys.executable, "-c", _WRITER, str(db), "1.0", str(n)], check=True, capture_output=True)
+    outcomes = set()
+    for attempt, delay in enumerate((0.3, 0.8, 1.5, 2.5, 4.0, 8.0)):
+        new_value = 2.0 + attempt
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(db), str(new_value), str(n)], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rows = Store(db).query(
+            "SELECT count(*) AS n, min(loss_total) AS lo, max(loss_total) AS hi FROM train_steps"
+        ).to_pylist()[0]
+        assert rows["n"] == n, rows  # never a half-deleted or half-inserted partition
+        assert rows["lo"] == rows["hi"], rows  # never a mix of old and new
+        outcomes.add("new" if rows["lo"] == new_value else "old")
+        # the next overwrite starts from a clean state
+        subprocess.run([sys.executable, "-c", _WRITER, str(db), "1.0", str(n)], check=True, capture_output=True)
+    assert "old" in outcomes  # at least one kill landed mid-transaction
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from kepo.store import Store
+    with Store(sys.argv[1]).connect():
+        print("holding", flush=True)
+        time.sleep(float(sys.argv[2]))
+    """
+)
+
+
+def test_second_process_gets_a_clear_lock_error_within_the_wait(tmp_path: Path) -> None:
+    db = tmp_path / "kepo.duckdb"
+    Store(db).initialize()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(db), "20"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        store = Store(db, lock_timeout_s=1.5)
+        start = time.monotonic()
+        with pytest.raises(StoreLockedError) as err:
+            store.query("SELECT count(*) FROM runs")
+        waited = time.monotonic() - start
+        assert 1.5 <= waited < 6.0
+        assert str(db) in str(err.value) and "store.lock_timeout_s" in str(err.value)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_released_in_time_is_waited_for(tmp_path: Path) -> None:
+    db = tmp_path / "kepo.duckdb"
+    Store(db).initialize()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(db), "1.0"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        assert Store(db, lock_timeout_s=15).query("SELECT count(*) AS n FROM runs").to_pylist() == [{"n": 0}]
+    finally:
+        holder.wait()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["DELETE FROM runs", "DROP TABLE runs", "INSERT INTO runs VALUES (1)", "COPY runs TO 'x.csv'",
+     "ATTACH 'other.db'", "SELECT 1; DROP TABLE runs", "CREATE TABLE t (a INT)"],
+)
+def test_read_only_guard_refuses_writes(sql: str) -> None:
+    with pytest.raises(StoreError, match="read-only|one statement"):
+        check_read_only(sql)
+
+
+def test_read_only_guard_allows_reads() -> None:
+    for sql in ("SELECT 1", "DESCRIBE runs", "SUMMARIZE runs", "EXPLAIN SELECT 1", "WITH a AS (SELECT 1) SELECT * FROM a"):
+        check_read_only(sql)
+
+
+def test_run_config_round_trip_and_stages(tmp_path: Path) -> None:
+    from kepo.config import RunConfig
+
+    store = Store(tmp_path / "kepo.duckdb")
+    cfg = RunConfig(run_id="abc", iterations=3)
+    store.register_run(cfg)
+    store.register_run(cfg)
+    assert store.run_ids() == ["abc"]
+    assert store.run_config("abc") == cfg
+    store.set_stage("abc", 0, "rollout", "running")
+    store.set_stage("abc", 0, "rollout", "failed", error="ValueError: boom")
+    store.set_stage("abc", 0, "rollout", "running")
+    row = store.read("stages", {"run_id": "abc"}).to_pylist()[0]
+    assert (row["status"], row["attempt"], row["error"]) == ("running", 2, None)
+    with pytest.raises(StoreError, match="no run 'zzz'"):
+        store.run_config("zzz")
