@@ -1,8 +1,9 @@
 """Gap between top-k (offline, stored teacher top-k + tail bucket) and full-vocabulary
 distillation losses, for k = 8, 32, 128 and the three divergences of kepo.losses.
 
-    python benchmarks/topk_gap.py                      # synthetic logits (default)
-    python benchmarks/topk_gap.py --student DIR --teacher DIR   # tiny models (hook below)
+    python benchmarks/topk_gap.py                              # synthetic logits (default)
+    python benchmarks/topk_gap.py --tiny                       # freshly built tiny models
+    python benchmarks/topk_gap.py --student DIR --teacher DIR  # any two local model folders
 
 Synthetic mode: V = 4096, T = 64 positions. Student logits are a Zipf-like prior plus Gaussian
 spread plus one strongly preferred token per position (a peaked next-token distribution);
@@ -42,15 +43,74 @@ def synthetic_logits(
     return student[None], teacher[None]
 
 
-def model_logits(student_dir: Path, teacher_dir: Path, *, tokens: int, seed: int):
-    """(B, T, V) student and teacher logits on the same sequences from two saved models."""
-    # TODO(tiny-models): wire kepo.models here once it exists: load both checkpoints
-    # (AutoModelForImageTextToText), build one tiny image + prompt, sample `tokens` completion
-    # tokens from the student, run both models on prompt + completion and return the completion
-    # logits of each, sliced to the shared vocabulary. Everything below works unchanged.
-    raise NotImplementedError(
-        "the --student/--teacher path is not wired yet; run without them for synthetic logits"
+def model_logits(
+    student_dir: Path, teacher_dir: Path, *, tokens: int, seed: int, sequences: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, V) student and teacher completion logits on the same sampled sequences.
+
+    B = `sequences` training prompts (kepo.prompts, thinking mode) with a random 64x64 image
+    each; the student samples `tokens` completion tokens per prompt at temperature 1 (stop
+    tokens suppressed until then, through kepo.generation's HF backend); both models then score
+    prompt + completion (kepo.models.build_sequence_batch / completion_logits, each model with
+    its own processor), and the logits are cut to the shared vocabulary.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from kepo.generation import GenerationRequest, SamplingParams, make_backend
+    from kepo.models import (
+        assert_shared_vocabulary,
+        build_sequence_batch,
+        completion_logits,
+        load_policy,
     )
+    from kepo.prompts import PromptItem, build_messages
+
+    rng = np.random.default_rng(seed)
+    findings = ["mass", "cyst", "edema", "hemorrhage", "infarct", "normal"]
+    items = [
+        PromptItem(
+            f"q{i}",
+            f"Which finding is shown in this MRI scan? ({i})",
+            tuple(findings[i % 3 : i % 3 + 4]),
+            "A",
+        )
+        for i in range(sequences)
+    ]
+    messages = [build_messages(item, "train", thinking=True) for item in items]
+    images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in items]
+    backend = make_backend("hf", student_dir, dtype="float32", device="cpu")
+    requests = [
+        GenerationRequest(f"r{i}", m, img, seed + i)
+        for i, (m, img) in enumerate(zip(messages, images, strict=True))
+    ]
+    sampling = SamplingParams(n=1, temperature=1.0, max_new_tokens=tokens, min_new_tokens=tokens)
+    completions = [
+        samples[0].token_ids for samples in backend.generate(requests, sampling, desc="sampling")
+    ]
+    backend.close()
+
+    logits = []
+    processors = []
+    for folder in (student_dir, teacher_dir):
+        model, processor = load_policy(folder)
+        processors.append(processor)
+        batch = build_sequence_batch(processor, messages, images, completions)
+        with torch.no_grad():
+            logits.append(completion_logits(model, batch).float())  # (B, T, V)
+    assert_shared_vocabulary(*processors)
+    vocab = min(x.shape[-1] for x in logits)
+    student, teacher = (x[..., :vocab] for x in logits)
+    return student, teacher
+
+
+def tiny_pair(seed: int) -> tuple[Path, Path]:
+    """Build the tiny student/teacher pair (kepo.tiny) in a temporary folder."""
+    import tempfile
+
+    from kepo.tiny import build_tiny_pair
+
+    return build_tiny_pair(Path(tempfile.mkdtemp(prefix="topk_gap_")), seed=seed)
 
 
 def teacher_stats(teacher: torch.Tensor, ks: list[int]) -> dict[str, float]:
@@ -97,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", type=Path, help="saved student model folder (optional)")
     parser.add_argument("--teacher", type=Path, help="saved teacher model folder (optional)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="build the tiny pair (kepo.tiny) and use it"
+    )
+    parser.add_argument("--sequences", type=int, default=4, help="sampled sequences (model mode)")
     parser.add_argument("--vocab", type=int, default=4096, help="synthetic vocabulary size")
     parser.add_argument("--tokens", type=int, default=64, help="positions per sequence")
     parser.add_argument("--noise", type=float, default=1.5, help="synthetic teacher-student noise")
@@ -107,11 +171,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if (args.student is None) != (args.teacher is None):
         parser.error("give both --student and --teacher, or neither (synthetic logits)")
+    if args.tiny:
+        if args.student is not None:
+            parser.error("--tiny builds its own models; drop --student/--teacher")
+        args.student, args.teacher = tiny_pair(args.seed)
     if args.student is not None:
         student, teacher = model_logits(
-            args.student, args.teacher, tokens=args.tokens, seed=args.seed
+            args.student, args.teacher, tokens=args.tokens, seed=args.seed, sequences=args.sequences
         )
-        source = "models"
+        source = "tiny models" if args.tiny else "models"
     else:
         student, teacher = synthetic_logits(
             vocab=args.vocab, tokens=args.tokens, noise=args.noise, seed=args.seed

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import typer
 
+from kepo.commands import audit as audit_cmd
+from kepo.commands import curate as curate_cmd
+from kepo.commands import models as models_cmd
 from kepo.commands import sql as sql_cmd
+from kepo.commands.evaluate import evaluate_command
+from kepo.commands.report import report_command
+from kepo.commands.train import train_command
 
 app = typer.Typer(
     name="kepo",
@@ -23,6 +29,12 @@ def _root() -> None:
 
 app.command("sql")(sql_cmd.sql)
 # Sub-command groups and commands are registered below, one line each.
+app.add_typer(models_cmd.app, name="models")
+app.add_typer(curate_cmd.app, name="curate")
+app.command("eval")(evaluate_command)
+app.command("report")(report_command)
+app.command("audit")(audit_cmd.audit)
+app.command("train")(train_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

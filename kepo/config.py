@@ -49,7 +49,17 @@ class BundledDatasetConfig(_Section):
     """MiniMedVQA, the offline dataset built from wheel-shipped and procedurally generated images."""
 
     seed: int = _f("Seed of the dataset build (images, questions, option order).", 0)
-    synthetic_per_modality: int = _f("Procedurally generated items per modality.", 240, ge=10)
+    synthetic_per_modality: int = _f(
+        "Procedurally generated images per modality (each asked questions_per_image questions).",
+        240,
+        ge=10,
+    )
+    questions_per_image: int = _f(
+        "Questions asked about each synthetic image (distinct question types, 1..5).", 2, ge=1, le=5
+    )
+    include_real: bool = _f(
+        "Include the real medical images shipped in the pydicom-data and scikit-image wheels.", True
+    )
     real_variants_per_image: int = _f(
         "Label-preserving variants (crops, flips, windowing) per real image.", 6, ge=1
     )
@@ -82,7 +92,10 @@ class CurationConfig(_Section):
     )
     split_seed: int = _f("Seed of the per-modality train/test split.", 42)
     train_fraction: float = _f(
-        "Fraction of each modality's items in the train part.", 0.8, gt=0.0, lt=1.0
+        "Fraction of each modality's images (with all their questions) in the train part.",
+        0.8,
+        gt=0.0,
+        lt=1.0,
     )
     train_modality: Modality = _f("Modality the training sample is drawn from (in-domain).", "MRI")
     train_size: int = _f("Training items sampled from the train part of train_modality.", 600, ge=1)
@@ -92,6 +105,11 @@ class CurationConfig(_Section):
         "Store resized image bytes in the Parquet (self-contained files).", False
     )
     embed_size: int = _f("Side in pixels of embedded images.", 384, ge=16)
+    image_workers: int = _f(
+        "Threads that hash and decode source images during ingestion (no effect on the output).",
+        4,
+        ge=1,
+    )
     bundled: BundledDatasetConfig = _f(
         "Settings of the bundled MiniMedVQA dataset.", default_factory=BundledDatasetConfig
     )

@@ -60,21 +60,21 @@ SPECIAL_TOKENS = (
 # Qwen-style chat template: one turn per message, the image placeholder where the content
 # part says so, and "<|im_start|>assistant\n" as the generation prompt.
 CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
+    "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n"
-    "{%- if message['content'] is string -%}"
+    "{% if message['content'] is string %}"
     "{{ message['content'] }}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- elif part['type'] == 'video' -%}<|vision_start|><|video_pad|><|vision_end|>"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
+    "{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
     "<|im_end|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 # Used when no curated Parquet file is given: words a medical VQA item is likely to contain.
@@ -103,7 +103,7 @@ diabetic disease diagnosis anatomy identification modality recognition biologica
 attributes lesion grading question answer option options correct choice which what where
 how many most likely type organ structure region area located location this the a an of in
 on at with without and or is are was be by from to for as most least present absent patient
-""".split()
+""".split()  # noqa: SIM905 - a word list reads better as text
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,8 @@ def train_tokenizer(corpus_texts: Iterable[str], *, vocab_size: int = DEFAULT_BP
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = [*vocabulary_corpus()] * 8 + [t for t in corpus_texts if t]
+    chat_words = ["user\n", "assistant\n", "system\n"]
+    texts = [*vocabulary_corpus(), *chat_words] * 8 + [t for t in corpus_texts if t]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -192,7 +193,9 @@ def train_tokenizer(corpus_texts: Iterable[str], *, vocab_size: int = DEFAULT_BP
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+    )
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
@@ -335,7 +338,10 @@ def build_tiny(
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
         model = Qwen3VLForConditionalGeneration(config)
-    stop_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    stop_ids = [
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    ]
     # The real instruct model's defaults (sampling on): backends must override them explicitly.
     model.generation_config = GenerationConfig(
         bos_token_id=stop_ids[1],

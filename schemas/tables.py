@@ -205,6 +205,7 @@ HINT_ATTEMPTS = Table(
         Col("sampled_logprobs", "list<float64>", "Log-probs under the hint-aware prompt at generation time."),
         *_REWARD_COLS,
         Col("accepted", "bool", "Passed acceptance (accuracy reward 1, and not rejected for leakage)."),
+        Col("attempt_accepted", "bool", "The sample's attempt met the accept rule (any/all of its K samples accepted)."),
         Col("injected", "bool", "Injected into the trained group."),
         Col("leak_flag", "bool", "Mentions the hint or the given answer."),
         Col("finish_reason", "string", "'stop' or 'length'.", isin=("stop", "length")),

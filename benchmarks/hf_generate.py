@@ -1,0 +1,153 @@
+"""Batched Hugging Face backend vs a per-sample loop: generated tokens per second.
+
+Both sides run the same `HFBackend.generate` code on the same requests and seeds; only
+`generation_batch_size` differs: the batched side packs all prompts x samples into calls of up
+to 128 rows (one call here), the loop side uses 1, i.e. one `model.generate` call per sample,
+the way a naive rollout loop would. Stop tokens are suppressed (`min_new_tokens =
+max_new_tokens`) so every sample has exactly `--tokens` tokens on both sides. The two sides
+alternate, `--repeats` times each after one untimed warm-up, and the medians are reported.
+
+    python benchmarks/hf_generate.py                    # builds a tiny student in a temp dir
+    python benchmarks/hf_generate.py --model DIR --device cuda --dtype bfloat16
+
+Prints a short table and one JSON line (prefix `hf_generate `).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kepo.generation import GenerationRequest, SamplingParams
+from kepo.generation.hf import HFBackend
+from kepo.prompts import PromptItem, build_messages
+
+QUESTIONS = [
+    ("What imaging modality is shown?", ("CT", "MRI", "X-Ray", "Ultrasound")),
+    ("Which organ is enlarged in this image?", ("Liver", "Kidney", "Spleen")),
+    ("Grade the lesion.", ("Mild", "Moderate", "Severe")),
+    ("Where is the nodule located?", ("Left lung", "Right lung")),
+]
+
+
+def make_requests(n_prompts: int, image_side: int) -> list[GenerationRequest]:
+    rng = np.random.default_rng(0)
+    requests = []
+    for i in range(n_prompts):
+        question, options = QUESTIONS[i % len(QUESTIONS)]
+        item = PromptItem(f"q{i}", f"{question} (case {i})", options, "A")
+        image = Image.fromarray((rng.random((image_side, image_side, 3)) * 255).astype("uint8"))
+        requests.append(
+            GenerationRequest(item.question_id, build_messages(item, "train"), image, 1000 + i)
+        )
+    return requests
+
+
+def timed(backend: HFBackend, requests, sampling: SamplingParams) -> tuple[float, int]:
+    if backend.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    results = backend.generate(requests, sampling, desc="bench")
+    if backend.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return elapsed, sum(len(c.token_ids) for r in results for c in r)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", type=Path, default=None, help="Model folder (default: build a tiny student)."
+    )
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--batch", type=int, default=128, help="generation_batch_size of the batched side."
+    )
+    parser.add_argument("--image-side", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model
+        if model_dir is None:
+            from kepo.tiny import build_tiny
+
+            model_dir = build_tiny(Path(tmp) / "student", "student", seed=0)
+        batched = HFBackend.from_pretrained(
+            model_dir, dtype=args.dtype, device=args.device, generation_batch_size=args.batch
+        )
+        # The loop side shares the batched side's model: only the batch size differs.
+        loop = HFBackend(
+            batched.model, batched.processor, generation_batch_size=1, dtype=args.dtype
+        )
+        requests = make_requests(args.prompts, args.image_side)
+        sampling = SamplingParams(
+            n=args.samples,
+            temperature=0.9,
+            top_p=0.95,
+            max_new_tokens=args.tokens,
+            min_new_tokens=args.tokens,
+        )
+        expected = args.prompts * args.samples * args.tokens
+        timed(batched, requests[:2], sampling)  # warm-up (first-call costs), untimed
+        timed(loop, requests[:1], SamplingParams(n=1, max_new_tokens=4))
+        times: dict[str, list[float]] = {"batched": [], "per_sample_loop": []}
+        for _ in range(args.repeats):
+            for name, backend in (("batched", batched), ("per_sample_loop", loop)):
+                elapsed, tokens = timed(backend, requests, sampling)
+                if tokens != expected:
+                    raise RuntimeError(f"{name} generated {tokens} tokens, expected {expected}")
+                times[name].append(elapsed)
+
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    rates = {name: expected / seconds for name, seconds in medians.items()}
+    ratio = rates["batched"] / rates["per_sample_loop"]
+    device = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"cpu ({args.threads} threads)"
+    )
+    print(
+        f"{args.prompts} prompts x {args.samples} samples x {args.tokens} tokens = {expected} tokens, "
+        f"{args.repeats} repeats (medians), {device}, {args.dtype}"
+    )
+    print(f"{'side':<18}{'median s':>10}{'tokens/s':>12}")
+    for name in ("batched", "per_sample_loop"):
+        print(f"{name:<18}{medians[name]:>10.3f}{rates[name]:>12.1f}")
+    print(f"speed-up of batching: {ratio:.1f}x")
+    print(
+        "hf_generate "
+        + json.dumps(
+            {
+                "prompts": args.prompts,
+                "samples": args.samples,
+                "tokens": args.tokens,
+                "repeats": args.repeats,
+                "device": device,
+                "dtype": args.dtype,
+                "batch": args.batch,
+                "median_s": {k: round(v, 4) for k, v in medians.items()},
+                "tokens_per_s": {k: round(v, 1) for k, v in rates.items()},
+                "all_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
+                "ratio": round(ratio, 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

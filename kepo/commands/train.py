@@ -1,0 +1,47 @@
+"""`kepo train`: one training iteration of a run (policy version k -> k + 1).
+
+    kepo train --db work/run/kepo.duckdb --run kepo-tiny --iteration 0
+
+Several processes or GPUs: `accelerate launch --multi_gpu --num_processes 2 -m kepo.train --db ...
+--run ... --iteration ...` (the same arguments; on a CPU-only machine too, see kepo/train.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+
+def train_command(
+    db: Annotated[Path, typer.Option("--db", help="DuckDB file (<workdir>/kepo.duckdb).")],
+    run_id: Annotated[str, typer.Option("--run", help="Run id.")],
+    iteration: Annotated[
+        int, typer.Option("--iteration", "-k", help="Iteration k: trains policy k into k + 1.")
+    ],
+) -> None:
+    """Train one iteration on the iteration's stored rollouts and write the next checkpoint."""
+    from kepo.run import Run
+    from kepo.store import StoreError
+    from kepo.train import TrainingDataError, train_iteration
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    err = Console(stderr=True)
+    if not db.is_file():
+        err.print(f"[red]{db}: no such database; pass the run's <workdir>/kepo.duckdb[/red]")
+        raise typer.Exit(2)
+    try:
+        result = train_iteration(Run.open(db, run_id), iteration)
+    except (StoreError, TrainingDataError, FileNotFoundError) as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    Console().print(
+        f"run {result.run_id} iteration {result.iteration}: {result.n_steps} steps "
+        f"({result.n_skipped} skipped), {result.n_sequences} sequences, {result.n_tokens} tokens, "
+        f"final loss {loss}, {result.wall_time_s:.1f} s -> policy version "
+        f"{result.policy_version} in {result.checkpoint_dir}"
+    )

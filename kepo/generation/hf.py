@@ -1,0 +1,389 @@
+"""Hugging Face `generate` backend: the embedded default, on CPU or one GPU.
+
+Batching: every request is expanded into `sampling.n` rows (request-major: request 0 samples
+0..n-1, then request 1, ...), and the rows are cut into chunks of `generation_batch_size`; each
+chunk is ONE `model.generate` call with left-padded prompts. No Python loop runs per sample.
+
+Sampling: `generate` runs greedy (`do_sample=False`) and `SeededSampler`, a logits processor,
+makes the choice. For each row it suppresses the vision control tokens (an untrained model
+samples `<|image_pad|>`, which breaks the next forward pass) and any id past the tokenizer's
+vocabulary, blocks the stop tokens before `min_new_tokens`, applies temperature, top-k and
+top-p, and adds Gumbel noise drawn from the row's own `torch.Generator` (seeded with
+`sample_seed(request.seed, sample_idx)`). The arg-max of log-probs + Gumbel noise is an exact
+sample of the truncated distribution (the Gumbel-max trick), and since each row consumes only
+its own generator, one vocabulary-sized draw per step, a row's tokens do not depend on the
+other rows of its batch. The processor returns a one-hot score so `generate` picks exactly that
+token, and it records the raw-logit log-prob of the chosen token, so no logits tensor of the
+whole generation (T x B x V) is ever kept. Greedy (temperature 0) skips the noise.
+
+The model folder's own generation defaults (e.g. sampling on, top-k 20, a repetition penalty)
+are swapped out while `generate` runs (a config with only the stop and pad ids), so no other
+logits processor touches the logits and the recorded log-probs are the raw ones. Each call also
+checks that the tokens `generate` returned are the sampler's choices.
+
+Scoring: teacher-forced forward passes over prompt + completion in chunks of
+`scoring_batch_size`, using `kepo.models.build_sequence_batch` (the trainer's layout).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kepo.generation.base import (
+    Completion,
+    GenerationRequest,
+    SamplingParams,
+    TokenScores,
+    progress_bar,
+    sample_seed,
+    validate_requests,
+)
+from kepo.models import (
+    batch_to,
+    build_prompt_inputs,
+    build_sequence_batch,
+    completion_logits,
+    load_model,
+    load_policy,
+    model_inputs,
+    pad_token_id,
+    resolve_device,
+    resolve_dtype,
+    stop_token_ids,
+    vision_token_ids,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SeededSampler:
+    """Logits processor: per-row seeded sampling (Gumbel-max) + raw log-prob bookkeeping.
+
+    Called by `generate` once per step with the raw next-token logits (B, V); returns scores
+    whose arg-max is the sampled token. `chosen_ids` / `chosen_logprobs` collect (B,) tensors
+    per step.
+    """
+
+    def __init__(
+        self,
+        sampling: SamplingParams,
+        generators: Sequence[torch.Generator] | None,
+        *,
+        prompt_width: int,
+        suppress_ids: Sequence[int],
+        stop_ids: Sequence[int],
+        vocab_limit: int,
+    ) -> None:
+        self.sampling = sampling
+        self.generators = generators
+        self.prompt_width = prompt_width
+        self.suppress_ids = list(suppress_ids)
+        self.stop_ids = list(stop_ids)
+        self.vocab_limit = vocab_limit
+        self.chosen_ids: list[torch.Tensor] = []
+        self.chosen_logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_width
+        raw = scores.float()  # (B, V)
+        processed = raw.clone()
+        if self.suppress_ids:
+            processed[:, self.suppress_ids] = float("-inf")
+        if self.vocab_limit < processed.shape[1]:
+            processed[:, self.vocab_limit :] = float("-inf")  # ids no token decodes to
+        if step < self.sampling.min_new_tokens and self.stop_ids:
+            processed[:, self.stop_ids] = float("-inf")
+        if self.sampling.greedy:
+            choice = processed.argmax(dim=-1)  # (B,)
+        else:
+            logprobs = torch.log_softmax(
+                truncate(processed / self.sampling.temperature, self.sampling), dim=-1
+            )
+            choice = (logprobs + self._gumbel(raw)).argmax(dim=-1)  # (B,)
+        self.chosen_ids.append(choice)
+        raw_logprobs = torch.log_softmax(raw, dim=-1)
+        self.chosen_logprobs.append(raw_logprobs.gather(1, choice.unsqueeze(1)).squeeze(1))
+        one_hot = torch.full_like(scores, float("-inf"))
+        return one_hot.scatter_(1, choice.unsqueeze(1), 0.0)
+
+    def _gumbel(self, like: torch.Tensor) -> torch.Tensor:
+        """Gumbel(0, 1) noise (B, V), row b drawn from generators[b] only."""
+        assert self.generators is not None and len(self.generators) == like.shape[0]
+        vocab = like.shape[1]
+        rows = [
+            torch.empty(vocab, device=like.device, dtype=torch.float32).exponential_(generator=g)
+            for g in self.generators
+        ]
+        return -torch.stack(rows).log()  # -log(Exp(1)) ~ Gumbel(0, 1)
+
+
+def truncate(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """Top-k then top-p (nucleus) truncation of (B, V) logits: dropped tokens get -inf.
+
+    Top-p keeps the smallest set of most likely tokens whose mass reaches top_p (at least one).
+    """
+    vocab = logits.shape[-1]
+    if 0 < sampling.top_k < vocab:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # (B, V): mass of strictly more likely tokens
+        drop_sorted = mass_before >= sampling.top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class HFBackend:
+    """`GenerationBackend` on a Hugging Face model (see the module docstring)."""
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        generation_batch_size: int = 64,
+        scoring_batch_size: int = 16,
+        dtype: str | torch.dtype | None = None,
+        attn_implementation: str | None = None,
+    ) -> None:
+        if generation_batch_size < 1 or scoring_batch_size < 1:
+            raise ValueError("generation_batch_size and scoring_batch_size must be >= 1")
+        self.model = model
+        self.processor = processor
+        self.generation_batch_size = generation_batch_size
+        self.scoring_batch_size = scoring_batch_size
+        self.dtype = resolve_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
+        self.attn_implementation = attn_implementation
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.suppress_ids = vision_token_ids(processor)
+        self.pad_id = pad_token_id(processor)
+        self.stop_ids = stop_token_ids(processor, model)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: str = "float32",
+        device: str = "auto",
+        attn_implementation: str | None = None,
+        generation_batch_size: int = 64,
+        scoring_batch_size: int = 16,
+    ) -> HFBackend:
+        model, processor = load_policy(
+            path,
+            dtype=dtype,
+            device=resolve_device(device),
+            attn_implementation=attn_implementation,
+        )
+        return cls(
+            model,
+            processor,
+            generation_batch_size=generation_batch_size,
+            scoring_batch_size=scoring_batch_size,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -------------------------------------------------------------------------- generate
+    def _generation_config(self, sampling: SamplingParams) -> Any:
+        from transformers import GenerationConfig
+
+        # Greedy search over the sampler's one-hot scores. Values left unset are filled from
+        # model.generation_config, which `_neutral_defaults` swaps for stop/pad ids only.
+        return GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            return_dict_in_generate=True,
+            use_cache=True,
+        )
+
+    @contextmanager
+    def _neutral_defaults(self) -> Iterator[None]:
+        """Swap the folder's generation defaults (sampling, penalties, suppressions) for a
+        config holding only the stop and pad ids while `generate` runs: nothing but
+        `SeededSampler` may touch the logits, or the recorded log-probs would not be the raw
+        ones. The model's own config is restored afterwards (it is saved with checkpoints)."""
+        from transformers import GenerationConfig
+
+        original = self.model.generation_config
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=self.stop_ids, pad_token_id=self.pad_id
+        )
+        try:
+            yield
+        finally:
+            self.model.generation_config = original
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        sampling: SamplingParams,
+        *,
+        desc: str = "generate",
+    ) -> list[list[Completion]]:
+        validate_requests(requests)
+        rows = [(index, sample) for index in range(len(requests)) for sample in range(sampling.n)]
+        results: list[list[Completion]] = [[] for _ in requests]
+        config = self._generation_config(sampling)
+        with progress_bar(len(rows), desc) as advance:
+            for start in range(0, len(rows), self.generation_batch_size):
+                chunk = rows[start : start + self.generation_batch_size]
+                for (index, _), completion in zip(
+                    chunk, self._generate_chunk(requests, chunk, sampling, config), strict=True
+                ):
+                    results[index].append(completion)
+                advance(len(chunk))
+        return results
+
+    def _generate_chunk(
+        self,
+        requests: Sequence[GenerationRequest],
+        chunk: Sequence[tuple[int, int]],
+        sampling: SamplingParams,
+        config: Any,
+    ) -> list[Completion]:
+        from transformers import LogitsProcessorList
+
+        chunk_requests = [requests[index] for index, _ in chunk]
+        inputs = build_prompt_inputs(
+            self.processor, [r.messages for r in chunk_requests], [r.image for r in chunk_requests]
+        )
+        inputs = batch_to(inputs, self.device, self.dtype)
+        prompt_width = inputs["input_ids"].shape[1]
+        generators = None
+        if not sampling.greedy:
+            generators = []
+            for index, sample in chunk:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(sample_seed(requests[index].seed, sample))
+                generators.append(generator)
+        sampler = SeededSampler(
+            sampling,
+            generators,
+            prompt_width=prompt_width,
+            suppress_ids=self.suppress_ids,
+            stop_ids=self.stop_ids,
+            vocab_limit=len(self.tokenizer),
+        )
+        with self._neutral_defaults():
+            output = self.model.generate(
+                **model_inputs(inputs, self.model),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([sampler]),
+            )
+        generated = output.sequences[:, prompt_width:].cpu()  # (B, T)
+        steps = generated.shape[1]
+        chosen = torch.stack(sampler.chosen_ids, dim=1).cpu()[:, :steps]  # (B, T)
+        logprobs = torch.stack(sampler.chosen_logprobs, dim=1).cpu()[:, :steps]  # (B, T)
+        stop = set(self.stop_ids)
+        completions = []
+        for row, ((_, sample), request) in enumerate(zip(chunk, chunk_requests, strict=True)):
+            tokens = generated[row].tolist()
+            end = next((t + 1 for t, token in enumerate(tokens) if token in stop), None)
+            length = end if end is not None else len(tokens)
+            if tokens[:length] != chosen[row, :length].tolist():
+                raise RuntimeError(
+                    "generate produced tokens other than the sampler's choices; another logits "
+                    "processor or a generation default interfered (check the model's generation_config.json)"
+                )
+            completions.append(
+                Completion(
+                    request_id=request.request_id,
+                    sample_idx=sample,
+                    text=self.tokenizer.decode(tokens[:length], skip_special_tokens=True),
+                    token_ids=tokens[:length],
+                    logprobs=logprobs[row, :length].tolist(),
+                    finish_reason="stop" if end is not None else "length",
+                )
+            )
+        return completions
+
+    # -------------------------------------------------------------------------- score
+    @torch.inference_mode()
+    def score(
+        self,
+        requests: Sequence[GenerationRequest],
+        completion_ids: Sequence[Sequence[int]],
+        *,
+        top_k: int = 0,
+        desc: str = "score",
+    ) -> list[TokenScores]:
+        if len(requests) != len(completion_ids):
+            raise ValueError(
+                f"score: {len(requests)} requests but {len(completion_ids)} completions"
+            )
+        if top_k < 0:
+            raise ValueError(f"score: top_k must be >= 0, got {top_k}")
+        results: list[TokenScores] = []
+        with progress_bar(len(requests), desc) as advance:
+            for start in range(0, len(requests), self.scoring_batch_size):
+                chunk = requests[start : start + self.scoring_batch_size]
+                ids = [list(c) for c in completion_ids[start : start + self.scoring_batch_size]]
+                results.extend(self._score_chunk(chunk, ids, top_k))
+                advance(len(chunk))
+        return results
+
+    def _score_chunk(
+        self, requests: Sequence[GenerationRequest], completion_ids: list[list[int]], top_k: int
+    ) -> list[TokenScores]:
+        batch = build_sequence_batch(
+            self.processor,
+            [r.messages for r in requests],
+            [r.image for r in requests],
+            completion_ids,
+        )
+        batch = batch_to(batch, self.device, self.dtype)
+        logits = completion_logits(self.model, batch)  # (B, Tc, V)
+        scores = []
+        for row, ids in enumerate(completion_ids):
+            length = len(ids)
+            logprobs = torch.log_softmax(logits[row, :length].float(), dim=-1)  # (T, V)
+            token_ids = batch["completion_ids"][row, :length]
+            chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).cpu().tolist()
+            if top_k > 0:
+                top = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)
+                scores.append(
+                    TokenScores(chosen, top.indices.cpu().tolist(), top.values.cpu().tolist())
+                )
+            else:
+                scores.append(TokenScores(chosen))
+        return scores
+
+    # -------------------------------------------------------------------------- lifecycle
+    def load_policy(self, path: str | Path) -> None:
+        device = self.device
+        self.close()
+        self.model = load_model(
+            path, dtype=self.dtype, device=device, attn_implementation=self.attn_implementation
+        )
+        self.stop_ids = stop_token_ids(self.processor, self.model)
+
+    def close(self) -> None:
+        if getattr(self, "model", None) is None:
+            return
+        on_cuda = self.device.type == "cuda"
+        self.model = None
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()

@@ -1,0 +1,962 @@
+"""The training stage: `train_iteration(run, k)` turns policy version k into version k + 1.
+
+Inputs come only from the store, the curated Parquet and checkpoint folders:
+
+- `prompts` of iteration k (the batch; each stored `training_prompt` must equal the prompt the
+  templates render today for that question, else the templates changed since the rollout);
+- `rollouts WHERE trained` (G rows per prompt: completion ids, old/reference log-probs,
+  advantage, gate) for grpo/rloo/kepo/gkd, and `teacher_topk` for offline distillation;
+- images re-read from the curated dataset (`run.questions().image(prompt_id)`), and the plain
+  training prompt rebuilt with `kepo.prompts.build_messages`: injected hint-aware trajectories
+  are trained under the plain prompt x (eq. 7), as every other row.
+
+Per algorithm (`kepo.objectives` holds the math):
+- grpo/rloo: policy term on the stored advantages (clipped when `algorithm.clip`), plus
+  kl_coef · k3 against the stored reference log-probs.
+- kepo: the same plus distill.coef · gated D. Online mode runs the teacher (loaded here from
+  `models.teacher`, eval mode, no grad, `models.dtype`) on the gated-open rows only; offline mode
+  reads the stored top-k (`teacher_topk`).
+- gkd (MM-GKD): per prompt, with probability λ (`choose_gkd_source`, seeded per iteration) the
+  prompt's G rollout rows, else ONE dataset-target sequence; generalized JSD(β) against the
+  online teacher on every row (no gate, no reward term).
+- sft: cross-entropy on the dataset target of every prompt of the iteration (no teacher).
+  The dataset target is "<think>{rationale}</think><answer>{gold}</answer>" in thinking mode when
+  the curated row has a rationale, "<answer>{gold}</answer>" otherwise, followed by the
+  tokenizer's end-of-turn token (so the model also learns to stop).
+
+Optimisation. Rows are shuffled per pass with `train.seed + k`; an optimizer step takes
+micro_batch_size × grad_accum_steps × num_processes rows (the last one fewer). Within a step the
+rows are cut into micro-batches of `micro_batch_size` per process; every process runs the same
+number of micro-batches (a process without rows in the last one runs a zero-weight copy of a row,
+so DDP's gradient all-reduce lines up). Every loss term is divided by the count of the WHOLE
+step (completion tokens for token_mean, sequences otherwise), so micro-batches and processes add
+up to exactly the full-batch loss: one process with accumulation equals several processes.
+`Accelerator.backward` divides by its gradient_accumulation_steps and DDP averages over
+processes; the loss is pre-multiplied by both to undo that.
+
+AdamW (lr, betas, weight decay); learning rate from `learning_rate_at` over the run's nominal
+optimizer steps (cfg.iterations × `nominal_steps_per_iteration`), global step = k × nominal +
+step. Gradient clipping at max_grad_norm (the pre-clip norm is recorded). A step whose loss or
+gradient norm is not finite is skipped (gradients zeroed) and recorded as skipped.
+
+State continuity. The AdamW moments (and step counts) of iteration k − 1 are loaded from
+version k's `optimizer.pt` when it exists, so the optimizer continues across iterations as one
+run; without it (version 0, or save_optimizer off) AdamW starts fresh. With mixed precision the
+student trains and is saved in float32 (master weights: a bf16 copy would round updates of
+lr 2e-6 away); the rollout/evaluation stages cast it to `models.dtype` on load.
+
+Outputs (main process only): version k + 1 in `run.checkpoint_dir(k + 1)` — the model via
+`save_pretrained`, the processor/tokenizer files copied byte for byte from version k's folder
+(the image-only processor kepo builds without torchvision would otherwise write a processor
+class only kepo knows), `optimizer.pt` when train.save_optimizer — then `train_steps` of
+iteration k (replacing any earlier attempt) and the `checkpoints` row of version k + 1.
+
+Several processes: `accelerate launch --multi_gpu --num_processes N -m kepo.train --db FILE
+--run R --iteration K` (GPUs; also on a CPU-only machine, where models.device: cpu makes every
+process a CPU process talking gloo), or `torchrun --nproc_per_node N -m kepo.train ...`. Note
+that `accelerate launch --cpu --num_processes N` starts a single process unless an MPI hostfile
+is given (accelerate's multi-CPU launcher is mpirun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from kepo.config import RunConfig
+from kepo.losses import token_logprobs
+from kepo.models import (
+    assert_shared_vocabulary,
+    batch_to,
+    build_sequence_batch,
+    completion_logits,
+    completion_mask_of,
+    load_policy,
+    resolve_device,
+)
+from kepo.objectives import (
+    ObjectiveOutput,
+    dataset_target_text,
+    gkd_objective,
+    gkd_sources,
+    grpo_objective,
+    kepo_objective,
+    offline_divergence,
+    online_divergence,
+    sft_objective,
+)
+from kepo.prompts import PromptItem, build_messages, build_prompt_text
+from kepo.run import Run
+
+log = logging.getLogger(__name__)
+
+LossPart = Literal["loss_pg", "loss_kl", "loss_distill", "loss_sft"]
+LOSS_PARTS: tuple[LossPart, ...] = ("loss_pg", "loss_kl", "loss_distill", "loss_sft")
+# Metrics that are token means: summed over micro-batches weighted by their token counts.
+TOKEN_METRICS = ("clipfrac", "approx_kl")
+# Files of a model folder that `save_pretrained` writes itself, or that are not the processor.
+_NOT_PROCESSOR_FILES = ("config.json", "generation_config.json", "optimizer.pt")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class TrainingDataError(ValueError):
+    """The stored rows of an iteration cannot be trained on (the message names the row and fix)."""
+
+
+# ============================================================================ data
+
+
+@dataclass(frozen=True)
+class TrainRow:
+    """One sequence of the iteration's training data: a rollout row or a dataset target."""
+
+    prompt_id: str
+    sample_idx: int | None
+    """rollouts.sample_idx; None for a dataset target (sft, gkd)."""
+    completion_ids: tuple[int, ...]
+    advantage: float | None = None
+    gate_open: bool = False
+    old_logprobs: tuple[float, ...] | None = None
+    ref_logprobs: tuple[float, ...] | None = None
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+
+    @property
+    def is_target(self) -> bool:
+        return self.sample_idx is None
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.completion_ids)
+
+
+@dataclass
+class TrainingData:
+    """Rows to train on plus what rebuilding their prompts needs."""
+
+    rows: list[TrainRow]
+    items: dict[str, PromptItem]
+    gkd_on_policy: dict[str, bool] = field(default_factory=dict)
+    """gkd only: prompt_id -> True when its rollout rows are used (else its dataset target)."""
+
+
+def target_token_ids(tokenizer: Any, text: str) -> tuple[int, ...]:
+    """Token ids of a target completion, ended by the end-of-turn (eos) token."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is None:
+        raise TrainingDataError("the tokenizer has no eos token; a target cannot be ended")
+    return (*ids, int(tokenizer.eos_token_id))
+
+
+def _as_tuple(values: Any) -> tuple | None:
+    return None if values is None else tuple(values)
+
+
+def load_training_data(run: Run, iteration: int, tokenizer: Any) -> TrainingData:
+    """The iteration's training rows (module docstring), checked against the prompt templates."""
+    cfg = run.config
+    algo = cfg.algorithm
+    where = {"run_id": run.run_id, "iteration": iteration}
+    prompts = run.store.read("prompts", where, order_by=["batch_position", "prompt_id"]).to_pylist()
+    if not prompts:
+        raise TrainingDataError(
+            f"run {run.run_id}: no prompts for iteration {iteration}; run the rollout stage of "
+            f"iteration {iteration} first"
+        )
+    questions = run.questions()
+    items: dict[str, PromptItem] = {}
+    targets: dict[str, str] = {}
+    for prompt in prompts:
+        pid = prompt["prompt_id"]
+        question = questions.row(pid)
+        item = PromptItem.from_row(question)
+        expected = build_prompt_text(item, "train", thinking=cfg.prompts.thinking)
+        if prompt["training_prompt"] != expected:
+            raise TrainingDataError(
+                f"run {run.run_id}, iteration {iteration}, prompt {pid}: the stored "
+                "training_prompt differs from the prompt the templates render now (the prompt "
+                "templates or prompts.thinking changed since the rollout); rerun the rollout of "
+                f"iteration {iteration}"
+            )
+        items[pid] = item
+        targets[pid] = dataset_target_text(question, thinking=cfg.prompts.thinking)
+
+    prompt_ids = [p["prompt_id"] for p in prompts]
+    if algo.name == "sft":
+        rows = [
+            TrainRow(pid, None, target_token_ids(tokenizer, targets[pid])) for pid in prompt_ids
+        ]
+        return TrainingData(rows=rows, items=items)
+
+    rollout_rows = _load_rollout_rows(run, iteration, set(prompt_ids))
+    if algo.name == "gkd":
+        on_policy = gkd_sources(prompt_ids, lam=algo.gkd_lambda, seed=run.seed("gkd", iteration))
+        rows = []
+        for pid in prompt_ids:
+            if on_policy[pid]:
+                rows.extend(r for r in rollout_rows if r.prompt_id == pid)
+            else:
+                rows.append(TrainRow(pid, None, target_token_ids(tokenizer, targets[pid])))
+        return TrainingData(rows=rows, items=items, gkd_on_policy=on_policy)
+    if algo.name == "kepo" and algo.distill.mode == "offline":
+        rollout_rows = _attach_teacher_topk(run, iteration, rollout_rows)
+    return TrainingData(rows=rollout_rows, items=items)
+
+
+def _load_rollout_rows(run: Run, iteration: int, prompt_ids: set[str]) -> list[TrainRow]:
+    cfg = run.config
+    needs_ref = cfg.algorithm.name != "gkd" and cfg.algorithm.kl_coef > 0
+    needs_rl = cfg.algorithm.name != "gkd"
+    table = run.store.read(
+        "rollouts",
+        {"run_id": run.run_id, "iteration": iteration, "trained": True},
+        order_by=["prompt_id", "slot", "sample_idx"],
+    )
+    if not table.num_rows:
+        raise TrainingDataError(
+            f"run {run.run_id}: no trained rollout rows for iteration {iteration}; run the "
+            f"rollout stage of iteration {iteration} first"
+        )
+    rows = []
+    for r in table.to_pylist():
+        name = f"run {run.run_id}, iteration {iteration}, rollout ({r['prompt_id']}, {r['sample_idx']})"
+        if r["prompt_id"] not in prompt_ids:
+            raise TrainingDataError(f"{name}: its prompt is not in `prompts`; rerun the rollout")
+        ids = tuple(r["completion_ids"])
+        if not ids:
+            raise TrainingDataError(f"{name}: empty completion; rerun the rollout")
+        if needs_rl:
+            if r["advantage"] is None or r["old_logprobs"] is None:
+                raise TrainingDataError(
+                    f"{name}: trained row without advantage/old_logprobs; rerun the rollout"
+                )
+            if len(r["old_logprobs"]) != len(ids):
+                raise TrainingDataError(
+                    f"{name}: {len(r['old_logprobs'])} old log-probs for {len(ids)} tokens; "
+                    "rerun the rollout"
+                )
+        if needs_ref and (r["ref_logprobs"] is None or len(r["ref_logprobs"]) != len(ids)):
+            raise TrainingDataError(
+                f"{name}: algorithm.kl_coef > 0 needs reference log-probs for every token; "
+                "rerun the rollout with this config (it stores them when kl_coef > 0)"
+            )
+        rows.append(
+            TrainRow(
+                prompt_id=r["prompt_id"],
+                sample_idx=int(r["sample_idx"]),
+                completion_ids=ids,
+                advantage=r["advantage"],
+                gate_open=bool(r["gate_open"]),
+                old_logprobs=_as_tuple(r["old_logprobs"]),
+                ref_logprobs=_as_tuple(r["ref_logprobs"]) if needs_ref else None,
+            )
+        )
+    return rows
+
+
+def _attach_teacher_topk(run: Run, iteration: int, rows: list[TrainRow]) -> list[TrainRow]:
+    if run.config.algorithm.distill.temperature != 1.0:
+        raise TrainingDataError(
+            "algorithm.distill.temperature applies to online distillation only (the stored top-k "
+            "are temperature-1 log-probs); set it to 1.0 or use distill.mode: online"
+        )
+    stored = {
+        (t["prompt_id"], int(t["sample_idx"])): t
+        for t in run.store.read(
+            "teacher_topk", {"run_id": run.run_id, "iteration": iteration}
+        ).to_pylist()
+    }
+    out = []
+    for row in rows:
+        if not row.gate_open:
+            out.append(row)
+            continue
+        t = stored.get((row.prompt_id, row.sample_idx))
+        name = (
+            f"run {run.run_id}, iteration {iteration}, rollout ({row.prompt_id}, {row.sample_idx})"
+        )
+        if t is None:
+            raise TrainingDataError(
+                f"{name}: gate open but no teacher_topk row; rerun the rollout with "
+                "algorithm.distill.mode: offline"
+            )
+        if len(t["topk_ids"]) != row.n_tokens:
+            raise TrainingDataError(
+                f"{name}: teacher_topk has {len(t['topk_ids'])} positions for {row.n_tokens} "
+                "tokens; rerun the rollout"
+            )
+        out.append(replace(row, topk_ids=t["topk_ids"], topk_logprobs=t["topk_logprobs"]))
+    return out
+
+
+# ============================================================================ plan
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One optimizer step: its rows, and which rows each process takes in each micro-batch."""
+
+    pass_idx: int
+    step: int
+    rows: tuple[int, ...]
+    micro_batches: tuple[tuple[tuple[int, ...], ...], ...]
+    """micro_batches[j][p]: row indices process p runs in micro-batch j (possibly empty)."""
+
+
+def plan_steps(
+    n_rows: int,
+    *,
+    passes: int,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    num_processes: int,
+    seed: int,
+) -> list[StepPlan]:
+    """Shuffled (per pass, seeded), deterministic split of rows into steps and shards."""
+    rows_per_step = micro_batch_size * grad_accum_steps * num_processes
+    per_micro = micro_batch_size * num_processes
+    generator = torch.Generator().manual_seed(seed)
+    plans = []
+    for pass_idx in range(passes):
+        order = torch.randperm(n_rows, generator=generator).tolist()
+        for start in range(0, n_rows, rows_per_step):
+            rows = tuple(order[start : start + rows_per_step])
+            micro = []
+            for m in range(0, len(rows), per_micro):
+                chunk = rows[m : m + per_micro]
+                micro.append(
+                    tuple(
+                        chunk[p * micro_batch_size : (p + 1) * micro_batch_size]
+                        for p in range(num_processes)
+                    )
+                )
+            plans.append(StepPlan(pass_idx, len(plans), rows, tuple(micro)))
+    return plans
+
+
+def nominal_steps_per_iteration(cfg: RunConfig, num_processes: int) -> int:
+    """Optimizer steps of one iteration as planned from the config (for the LR schedule).
+
+    Rows: prompts_per_iteration × group_size for the rollout-based algorithms (gkd may train on
+    fewer when it picks dataset targets), prompts_per_iteration for sft.
+    """
+    t = cfg.train
+    if cfg.algorithm.name == "sft":
+        rows, passes = cfg.rollout.prompts_per_iteration, t.sft_epochs
+    else:
+        rows, passes = cfg.rollout.prompts_per_iteration * cfg.rollout.group_size, t.passes
+    rows_per_step = t.micro_batch_size * t.grad_accum_steps * num_processes
+    return passes * math.ceil(rows / rows_per_step)
+
+
+def learning_rate_at(
+    step: int,
+    *,
+    base_lr: float,
+    schedule: Literal["constant", "linear", "cosine"],
+    warmup_steps: int,
+    total_steps: int,
+) -> float:
+    """LR of (0-based) global optimizer `step`: linear warm-up to base_lr over warmup_steps
+    (step 0 already gets base_lr / warmup_steps), then constant, or linear / cosine decay that
+    reaches 0 at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min(max((step - warmup_steps) / decay_steps, 0.0), 1.0)
+    if schedule == "linear":
+        return base_lr * (1.0 - progress)
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr_schedule {schedule!r}; use constant, linear or cosine")
+
+
+# ============================================================================ result
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What `train_iteration` did."""
+
+    run_id: str
+    iteration: int
+    policy_version: int
+    """The version written (iteration + 1)."""
+    checkpoint_dir: Path
+    optimizer_path: Path | None
+    n_steps: int
+    n_skipped: int
+    n_sequences: int
+    """Sequences trained on in one pass."""
+    n_tokens: int
+    """Completion tokens of those sequences."""
+    final_loss: float | None
+    wall_time_s: float
+    steps: list[dict[str, Any]] = field(repr=False, default_factory=list)
+    """The `train_steps` rows written."""
+
+
+# ============================================================================ the trainer
+
+
+def make_accelerator(cfg: RunConfig) -> Any:
+    """The default Accelerator of a run: CPU when models.device resolves to the CPU."""
+    from accelerate import Accelerator
+
+    cpu = resolve_device(cfg.models.device).type == "cpu"
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+    )
+
+
+def _train_dtype(cfg: RunConfig) -> str:
+    # Mixed precision keeps float32 master weights; autocast computes in bf16/fp16.
+    return "float32" if cfg.train.mixed_precision != "no" else cfg.models.dtype
+
+
+def _previous_optimizer_state(run: Run, iteration: int) -> Path | None:
+    """optimizer.pt saved with policy version `iteration`, if any."""
+    if iteration == 0 or not run.config.train.save_optimizer:
+        return None
+    rows = run.store.read("checkpoints", {"run_id": run.run_id, "iteration": iteration}).to_pylist()
+    if not rows or not rows[0]["optimizer_path"]:
+        return None
+    path = Path(rows[0]["optimizer_path"])
+    path = path if path.is_absolute() else run.workdir / path
+    return path if path.is_file() else None
+
+
+@dataclass
+class _Context:
+    """Everything a micro-batch needs (built once per iteration)."""
+
+    cfg: RunConfig
+    accelerator: Any
+    model: Any
+    processor: Any
+    teacher: Any | None
+    teacher_processor: Any | None
+    data: TrainingData
+    questions: Any
+    denominator: float = 1.0
+
+    def sequences(self, rows: Sequence[TrainRow], processor: Any) -> dict[str, torch.Tensor]:
+        thinking = self.cfg.prompts.thinking
+        messages = [
+            build_messages(self.data.items[r.prompt_id], "train", thinking=thinking) for r in rows
+        ]
+        images = [self.questions.image(r.prompt_id) for r in rows]
+        batch = build_sequence_batch(
+            processor, messages, images, [list(r.completion_ids) for r in rows]
+        )
+        return batch
+
+    def student_batch(self, rows: Sequence[TrainRow]) -> dict[str, torch.Tensor]:
+        dtype = next(self.model.parameters()).dtype
+        return batch_to(self.sequences(rows, self.processor), self.accelerator.device, dtype)
+
+    @torch.no_grad()
+    def teacher_logits(self, rows: Sequence[TrainRow]) -> torch.Tensor:
+        """Teacher completion logits (n, T', V) of `rows` (T' = their longest completion)."""
+        assert self.teacher is not None
+        dtype = next(self.teacher.parameters()).dtype
+        batch = batch_to(
+            self.sequences(rows, self.teacher_processor), self.accelerator.device, dtype
+        )
+        with self.accelerator.autocast():
+            return completion_logits(self.teacher, batch)
+
+
+def _padded(values: Sequence[Sequence[float] | None], width: int, device: Any) -> torch.Tensor:
+    out = torch.zeros((len(values), width), dtype=torch.float32)  # (B, T)
+    for i, v in enumerate(values):
+        if v:
+            out[i, : len(v)] = torch.as_tensor(v, dtype=torch.float32)
+    return out.to(device)
+
+
+def _topk_tensors(
+    rows: Sequence[TrainRow], width: int, device: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, k) ids and log-probs; placeholders (distinct ids, uniform mass) where none stored."""
+    k = next(len(r.topk_ids[0]) for r in rows if r.topk_ids)
+    ids = torch.arange(k).expand(len(rows), width, k).clone()  # (B, T, k)
+    logprobs = torch.full((len(rows), width, k), -math.log(k + 1), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        if r.topk_ids:
+            if any(len(pos) != k for pos in r.topk_ids):
+                raise TrainingDataError(
+                    f"rollout ({r.prompt_id}, {r.sample_idx}): teacher_topk rows mix support "
+                    "sizes; rerun the rollout"
+                )
+            ids[i, : r.n_tokens] = torch.as_tensor(r.topk_ids, dtype=torch.long)
+            logprobs[i, : r.n_tokens] = torch.as_tensor(r.topk_logprobs, dtype=torch.float32)
+    return ids.to(device), logprobs.to(device)
+
+
+def _rl_inputs(ctx: _Context, rows: Sequence[TrainRow], logits: torch.Tensor, batch: dict) -> dict:
+    algo = ctx.cfg.algorithm
+    width = logits.shape[1]
+    device = logits.device
+    return {
+        "logprobs": token_logprobs(logits, batch["completion_ids"]),  # (B, T)
+        "old_logprobs": _padded([r.old_logprobs for r in rows], width, device),
+        "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=device),
+        "ref_logprobs": _padded([r.ref_logprobs for r in rows], width, device)
+        if algo.kl_coef > 0
+        else None,
+        "clip": algo.clip,
+        "eps_low": algo.clip_eps_low,
+        "eps_high": algo.clip_eps_high,
+        "kl_coef": algo.kl_coef,
+        "aggregation": algo.loss_aggregation,
+        "denominator": ctx.denominator,
+    }
+
+
+def _loss_policy(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
+    """grpo / rloo."""
+    batch = ctx.student_batch(rows)
+    logits = completion_logits(ctx.model, batch)  # (B, T, V)
+    mask = completion_mask_of(batch).bool()
+    return grpo_objective(mask=mask, **_rl_inputs(ctx, rows, logits, batch))
+
+
+def _loss_kepo(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
+    distill = ctx.cfg.algorithm.distill
+    batch = ctx.student_batch(rows)
+    logits = completion_logits(ctx.model, batch)  # (B, T, V)
+    mask = completion_mask_of(batch).bool()
+    gate_open = torch.tensor([r.gate_open for r in rows], dtype=torch.bool, device=logits.device)
+    if distill.mode == "online":
+        open_rows = [r for r in rows if r.gate_open]  # the teacher runs on these only
+        teacher = (
+            ctx.teacher_logits(open_rows)
+            if open_rows
+            else logits.new_zeros((0, 0, logits.shape[-1]))
+        )
+        divergence = online_divergence(
+            logits,
+            teacher,
+            gate_open,
+            kind=distill.divergence,
+            beta=distill.jsd_beta,
+            temperature=distill.temperature,
+        )
+    elif any(r.gate_open for r in rows):
+        ids, logprobs = _topk_tensors(rows, logits.shape[1], logits.device)
+        divergence = offline_divergence(
+            logits, ids, logprobs, kind=distill.divergence, beta=distill.jsd_beta
+        )
+    else:
+        divergence = logits.new_zeros(logits.shape[:2])
+    return kepo_objective(
+        mask=mask,
+        divergence=divergence,
+        gate_open=gate_open,
+        distill_coef=distill.coef,
+        **_rl_inputs(ctx, rows, logits, batch),
+    )
+
+
+def _loss_gkd(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
+    distill = ctx.cfg.algorithm.distill
+    batch = ctx.student_batch(rows)
+    logits = completion_logits(ctx.model, batch)  # (B, T, V)
+    mask = completion_mask_of(batch).bool()
+    teacher = ctx.teacher_logits(rows)  # (B, T, V'): same rows, same completion width
+    return gkd_objective(
+        logits,
+        teacher,
+        mask,
+        beta=distill.jsd_beta,
+        temperature=distill.temperature,
+        aggregation=ctx.cfg.algorithm.loss_aggregation,
+        denominator=ctx.denominator,
+    )
+
+
+def _loss_sft(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
+    batch = ctx.student_batch(rows)
+    logits = completion_logits(ctx.model, batch)  # (B, T, V)
+    mask = completion_mask_of(batch).bool()
+    return sft_objective(
+        logits,
+        batch["completion_ids"],
+        mask,
+        aggregation=ctx.cfg.algorithm.loss_aggregation,
+        denominator=ctx.denominator,
+    )
+
+
+def _loss_padding(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
+    """A zero-weight forward for a process without rows in a micro-batch (keeps DDP in step)."""
+    batch = ctx.student_batch(rows)
+    return ObjectiveOutput(loss=completion_logits(ctx.model, batch).sum() * 0.0)
+
+
+# One function per algorithm, all with the signature (context, rows) -> ObjectiveOutput.
+MICRO_BATCH_LOSS = {
+    "grpo": _loss_policy,
+    "rloo": _loss_policy,
+    "kepo": _loss_kepo,
+    "gkd": _loss_gkd,
+    "sft": _loss_sft,
+}
+
+
+def _step_denominator(cfg: RunConfig, rows: Sequence[TrainRow]) -> float:
+    if cfg.algorithm.loss_aggregation == "token_mean":
+        return float(sum(r.n_tokens for r in rows))
+    return float(sum(1 for r in rows if r.n_tokens > 0))
+
+
+def _needs_teacher(cfg: RunConfig, data: TrainingData) -> bool:
+    algo = cfg.algorithm
+    if algo.name == "gkd":
+        return True
+    return (
+        algo.name == "kepo"
+        and algo.distill.mode == "online"
+        and any(r.gate_open for r in data.rows)
+    )
+
+
+def _save_checkpoint(
+    accelerator: Any, model: Any, source_dir: Path, out_dir: Path, optimizer_state: dict | None
+) -> Path | None:
+    """Write version k + 1 to a temporary folder, then swap it in (a rerun replaces it)."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+    for src in sorted(Path(source_dir).iterdir()):
+        name = src.name
+        if (
+            src.is_file()
+            and name not in _NOT_PROCESSOR_FILES
+            and not name.endswith(_WEIGHT_SUFFIXES)
+            and not (tmp / name).exists()
+        ):
+            shutil.copyfile(src, tmp / name)
+    optimizer_path = None
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        optimizer_path = out_dir / OPTIMIZER_FILE
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return optimizer_path
+
+
+def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> TrainResult:
+    """Train policy version `iteration` on the iteration's stored rows; write version + 1.
+
+    Callable in-process (one process; a default Accelerator from the config) or under
+    `accelerate launch` / `torchrun` (pass nothing: the launched environment configures the
+    Accelerator); `accelerator` lets a caller pass its own.
+    Only the main process writes the checkpoint and the store.
+    """
+    t_start = time.perf_counter()
+    cfg = run.config
+    if iteration < 0:
+        raise ValueError(f"iteration must be ≥ 0, got {iteration}")
+    if cfg.models.torch_threads:
+        torch.set_num_threads(cfg.models.torch_threads)
+    accelerator = accelerator or make_accelerator(cfg)
+    torch.manual_seed(cfg.train.seed + iteration)  # dropout, if the model has any
+
+    policy_dir = run.policy_path(iteration)
+    model, processor = load_policy(
+        policy_dir,
+        dtype=_train_dtype(cfg),
+        device=accelerator.device,
+        attn_implementation=cfg.models.attn_implementation,
+    )
+    tokenizer = getattr(processor, "tokenizer", processor)
+    data = load_training_data(run, iteration, tokenizer)
+
+    teacher = teacher_processor = None
+    if _needs_teacher(cfg, data):
+        if cfg.models.teacher is None:  # the config validator already prevents this
+            raise ValueError(f"algorithm {cfg.algorithm.name} needs models.teacher")
+        teacher, teacher_processor = load_policy(
+            cfg.models.teacher,
+            dtype=cfg.models.dtype,
+            device=accelerator.device,
+            attn_implementation=cfg.models.attn_implementation,
+        )
+        teacher.requires_grad_(False)
+        assert_shared_vocabulary(processor, teacher_processor)
+
+    model.train()
+    if cfg.train.gradient_checkpointing:
+        # non-reentrant checkpointing works under DDP and with frozen inputs
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.train.learning_rate,
+        betas=tuple(cfg.train.adam_betas),
+        weight_decay=cfg.train.weight_decay,
+    )
+    previous = _previous_optimizer_state(run, iteration)
+    if previous is not None:
+        state = torch.load(previous, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        log.info("loaded AdamW state of version %d from %s", iteration, previous)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    n_proc = accelerator.num_processes
+    passes = cfg.train.sft_epochs if cfg.algorithm.name == "sft" else cfg.train.passes
+    plans = plan_steps(
+        len(data.rows),
+        passes=passes,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        num_processes=n_proc,
+        seed=cfg.train.seed + iteration,
+    )
+    nominal = nominal_steps_per_iteration(cfg, n_proc)
+    total_steps = max(cfg.iterations, iteration + 1) * nominal
+    ctx = _Context(
+        cfg, accelerator, model, processor, teacher, teacher_processor, data, run.questions()
+    )
+    loss_fn = MICRO_BATCH_LOSS[cfg.algorithm.name]
+    # Undo Accelerator.backward's division by its accumulation steps and DDP's mean over
+    # processes: the loss is already normalised by the whole step's count.
+    backward_scale = float(accelerator.gradient_accumulation_steps * n_proc)
+    max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
+
+    step_rows: list[dict[str, Any]] = []
+    progress = _progress(accelerator.is_main_process)
+    with progress:
+        task = progress.add_task(f"train iteration {iteration}", total=len(plans))
+        for plan in plans:
+            step_rows.append(
+                _optimizer_step(
+                    ctx,
+                    plan,
+                    loss_fn,
+                    optimizer,
+                    backward_scale,
+                    max_norm,
+                    global_step=iteration * nominal + plan.step,
+                    total_steps=total_steps,
+                    run_id=run.run_id,
+                    iteration=iteration,
+                )
+            )
+            progress.advance(task)
+
+    accelerator.wait_for_everyone()
+    version = iteration + 1
+    out_dir = run.checkpoint_dir(version)
+    optimizer_path = None
+    if accelerator.is_main_process:
+        last_global = step_rows[-1]["global_step"] if step_rows else iteration * nominal - 1
+        optimizer_state = (
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": {
+                    "schedule": cfg.train.lr_schedule,
+                    "warmup_steps": cfg.train.warmup_steps,
+                    "total_steps": total_steps,
+                    "last_global_step": last_global,
+                },
+                "iteration": iteration,
+            }
+            if cfg.train.save_optimizer
+            else None
+        )
+        optimizer_path = _save_checkpoint(accelerator, model, policy_dir, out_dir, optimizer_state)
+        run.store.overwrite_partition("train_steps", step_rows, run.run_id, iteration)
+        run.record_checkpoint(version, out_dir, optimizer_path=optimizer_path, n_params=n_params)
+    accelerator.wait_for_everyone()
+
+    finite = [
+        r["loss_total"] for r in step_rows if r["loss_total"] is not None and not r["skipped"]
+    ]
+    result = TrainResult(
+        run_id=run.run_id,
+        iteration=iteration,
+        policy_version=version,
+        checkpoint_dir=out_dir,
+        optimizer_path=out_dir / OPTIMIZER_FILE if cfg.train.save_optimizer else None,
+        n_steps=len(step_rows),
+        n_skipped=sum(1 for r in step_rows if r["skipped"]),
+        n_sequences=len(data.rows),
+        n_tokens=sum(r.n_tokens for r in data.rows),
+        final_loss=finite[-1] if finite else None,
+        wall_time_s=time.perf_counter() - t_start,
+        steps=step_rows,
+    )
+    if accelerator.is_main_process:
+        log.info(
+            "run %s iteration %d: %d steps (%d skipped) on %d sequences, final loss %s, %.1f s "
+            "on %d process%s",
+            run.run_id,
+            iteration,
+            result.n_steps,
+            result.n_skipped,
+            result.n_sequences,
+            f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a",
+            result.wall_time_s,
+            n_proc,
+            "es" if n_proc > 1 else "",
+        )
+    return result
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def _optimizer_step(
+    ctx: _Context,
+    plan: StepPlan,
+    loss_fn: Any,
+    optimizer: Any,
+    backward_scale: float,
+    max_norm: float,
+    *,
+    global_step: int,
+    total_steps: int,
+    run_id: str,
+    iteration: int,
+) -> dict[str, Any]:
+    """Run one optimizer step of `plan`; return its `train_steps` row."""
+    t0 = time.perf_counter()
+    cfg, accelerator, model = ctx.cfg, ctx.accelerator, ctx.model
+    rows = [ctx.data.rows[i] for i in plan.rows]
+    ctx.denominator = _step_denominator(cfg, rows)
+    n_tokens = sum(r.n_tokens for r in rows)
+
+    # [total loss, each loss part, token-weighted metric sums, "part present" flags]
+    n_parts, n_metrics = len(LOSS_PARTS), len(TOKEN_METRICS)
+    sums = torch.zeros(1 + 2 * n_parts + n_metrics, dtype=torch.float64)
+    last = len(plan.micro_batches) - 1
+    for j, micro in enumerate(plan.micro_batches):
+        local = [ctx.data.rows[i] for i in micro[accelerator.process_index]]
+        fn = loss_fn if local else _loss_padding
+        local = local or [rows[0]]
+        sync = j == last
+        context = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+        with context:
+            out = fn(ctx, local)
+            accelerator.backward(out.loss * backward_scale)
+        if fn is _loss_padding:
+            continue
+        sums[0] += float(out.loss.detach())
+        for p, name in enumerate(LOSS_PARTS):
+            if name in out.parts:
+                sums[1 + p] += float(out.parts[name])
+                sums[1 + n_parts + p] = 1.0
+        local_tokens = sum(r.n_tokens for r in local)
+        for m, name in enumerate(TOKEN_METRICS):
+            if name in out.metrics:
+                sums[1 + 2 * n_parts + m] += float(out.metrics[name]) * local_tokens
+
+    sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    loss_total = float(sums[0])
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    lr = learning_rate_at(
+        global_step,
+        base_lr=cfg.train.learning_rate,
+        schedule=cfg.train.lr_schedule,
+        warmup_steps=cfg.train.warmup_steps,
+        total_steps=total_steps,
+    )
+    skip_reason = None
+    if not math.isfinite(loss_total):
+        skip_reason = f"non-finite loss ({loss_total})"
+    elif not math.isfinite(grad_norm):
+        skip_reason = f"non-finite gradient norm ({grad_norm})"
+    if skip_reason is None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    else:
+        log.warning("iteration %d step %d skipped: %s", iteration, plan.step, skip_reason)
+    optimizer.zero_grad(set_to_none=True)
+
+    def part(p: int) -> float | None:
+        return float(sums[1 + p]) if sums[1 + n_parts + p] > 0 else None
+
+    def metric(m: int) -> float | None:
+        present = cfg.algorithm.name in ("grpo", "rloo", "kepo")
+        return float(sums[1 + 2 * n_parts + m]) / max(n_tokens, 1) if present else None
+
+    def finite_or_none(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    row = {
+        "run_id": run_id,
+        "iteration": iteration,
+        "step": plan.step,
+        "global_step": global_step,
+        "pass_idx": plan.pass_idx,
+        "loss_total": finite_or_none(loss_total),
+        **{name: part(p) for p, name in enumerate(LOSS_PARTS)},
+        **{name: metric(m) for m, name in enumerate(TOKEN_METRICS)},
+        "gate_frac_open": (sum(r.gate_open for r in rows) / len(rows))
+        if cfg.algorithm.name == "kepo"
+        else None,
+        "grad_norm": finite_or_none(grad_norm),
+        "lr": lr,
+        "n_sequences": len(rows),
+        "n_tokens": n_tokens,
+        "step_time_s": time.perf_counter() - t0,
+        "skipped": skip_reason is not None,
+        "skip_reason": skip_reason,
+    }
+    for name in LOSS_PARTS:
+        if row[name] is not None and not math.isfinite(row[name]):
+            row[name] = None
+    return row
+
+
+# ============================================================================ entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m kepo.train` / `accelerate launch -m kepo.train`: one training iteration."""
+    parser = argparse.ArgumentParser(description="Train one KEPO iteration (policy k -> k + 1).")
+    parser.add_argument("--db", type=Path, required=True, help="the run's kepo.duckdb file")
+    parser.add_argument("--run", required=True, help="run id")
+    parser.add_argument("--iteration", type=int, required=True, help="iteration k to train")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    result = train_iteration(Run.open(args.db, args.run), args.iteration)
+    log.info("wrote policy version %d to %s", result.policy_version, result.checkpoint_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
