@@ -5,7 +5,9 @@ Both sides run the same `HFBackend.generate` code on the same requests and seeds
 to 128 rows (one call here), the loop side uses 1, i.e. one `model.generate` call per sample,
 the way a naive rollout loop would. Stop tokens are suppressed (`min_new_tokens =
 max_new_tokens`) so every sample has exactly `--tokens` tokens on both sides. The two sides
-alternate, `--repeats` times each after one untimed warm-up, and the medians are reported.
+alternate, `--repeats` times each after one untimed warm-up, and the medians are reported,
+wall-clock (the figure that matters) and this process's CPU seconds (less sensitive to other
+processes on a shared machine).
 
     python benchmarks/hf_generate.py                    # builds a tiny student in a temp dir
     python benchmarks/hf_generate.py --model DIR --device cuda --dtype bfloat16
@@ -51,15 +53,16 @@ def make_requests(n_prompts: int, image_side: int) -> list[GenerationRequest]:
     return requests
 
 
-def timed(backend: HFBackend, requests, sampling: SamplingParams) -> tuple[float, int]:
+def timed(backend: HFBackend, requests, sampling: SamplingParams) -> tuple[float, float, int]:
+    """(wall seconds, this process's CPU seconds, generated tokens) of one generate call."""
     if backend.device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     results = backend.generate(requests, sampling, desc="bench")
     if backend.device.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    return elapsed, sum(len(c.token_ids) for r in results for c in r)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    return elapsed, cpu, sum(len(c.token_ids) for r in results for c in r)
 
 
 def main() -> None:
@@ -106,14 +109,17 @@ def main() -> None:
         timed(batched, requests[:2], sampling)  # warm-up (first-call costs), untimed
         timed(loop, requests[:1], SamplingParams(n=1, max_new_tokens=4))
         times: dict[str, list[float]] = {"batched": [], "per_sample_loop": []}
+        cpu_times: dict[str, list[float]] = {"batched": [], "per_sample_loop": []}
         for _ in range(args.repeats):
             for name, backend in (("batched", batched), ("per_sample_loop", loop)):
-                elapsed, tokens = timed(backend, requests, sampling)
+                elapsed, cpu, tokens = timed(backend, requests, sampling)
                 if tokens != expected:
                     raise RuntimeError(f"{name} generated {tokens} tokens, expected {expected}")
                 times[name].append(elapsed)
+                cpu_times[name].append(cpu)
 
     medians = {name: statistics.median(values) for name, values in times.items()}
+    cpu_medians = {name: statistics.median(values) for name, values in cpu_times.items()}
     rates = {name: expected / seconds for name, seconds in medians.items()}
     ratio = rates["batched"] / rates["per_sample_loop"]
     device = (
@@ -125,9 +131,9 @@ def main() -> None:
         f"{args.prompts} prompts x {args.samples} samples x {args.tokens} tokens = {expected} tokens, "
         f"{args.repeats} repeats (medians), {device}, {args.dtype}"
     )
-    print(f"{'side':<18}{'median s':>10}{'tokens/s':>12}")
+    print(f"{'side':<18}{'median s':>10}{'tokens/s':>12}{'CPU s':>10}")
     for name in ("batched", "per_sample_loop"):
-        print(f"{name:<18}{medians[name]:>10.3f}{rates[name]:>12.1f}")
+        print(f"{name:<18}{medians[name]:>10.3f}{rates[name]:>12.1f}{cpu_medians[name]:>10.3f}")
     print(f"speed-up of batching: {ratio:.1f}x")
     print(
         "hf_generate "
@@ -143,6 +149,7 @@ def main() -> None:
                 "median_s": {k: round(v, 4) for k, v in medians.items()},
                 "tokens_per_s": {k: round(v, 1) for k, v in rates.items()},
                 "all_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
+                "cpu_median_s": {k: round(v, 4) for k, v in cpu_medians.items()},
                 "ratio": round(ratio, 2),
             }
         )

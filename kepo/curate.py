@@ -31,8 +31,9 @@ The protocol (all seeds and sizes in `CurationConfig`, all recorded in `manifest
    `test_per_modality`. A pool no larger than the request is taken whole and the shortfall is
    recorded in the manifest. Output rows are ordered by (modality position, question_id).
 
-Outputs in DIR: train.parquet, test.parquet (schema `questions`), rejects.parquet (schema
-`rejects`), manifest.json (source file sha256s, settings, seeds, counts, real-image counts per
+Outputs in DIR: train.parquet, test.parquet (schema `questions`), pool.parquet (the whole
+train part of every modality, for warm-up or SFT; never shares an image with test),
+rejects.parquet (schema `rejects`), manifest.json (source file sha256s, settings, seeds, counts, real-image counts per
 modality, output sha256s, kepo version, dataset root). The manifest is written last, so a folder
 with a manifest is complete. `QuestionSet` reads a curated folder back.
 """
@@ -694,8 +695,14 @@ def _curate(
         )
     train.sort(key=_sort_key)
     test.sort(key=_sort_key)
+    # The whole train part of every modality (not a sample): for warm-up / SFT on other
+    # modalities. It never shares an image with test, by construction of the split.
+    pool = sorted(
+        (dict(r, split="train") for r in ing.accepted if parts[r["image_sha256"]] == "train"),
+        key=_sort_key,
+    )
     if cfg.embed_images:
-        for rows in (train, test):
+        for rows in (train, test, pool):
             blobs = _map_with_progress(
                 lambda r: embed_image(root / r["image_path"], cfg.embed_size),
                 rows,
@@ -706,6 +713,7 @@ def _curate(
             for r, blob in zip(rows, blobs, strict=True):
                 r["image_bytes"] = blob
     train_tbl, test_tbl = to_table(QUESTIONS, train), to_table(QUESTIONS, test)
+    pool_tbl = to_table(QUESTIONS, pool)
     rejects_tbl = to_table(REJECTS, ing.rejects)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -715,6 +723,7 @@ def _curate(
         "train.parquet": _write_parquet(train_tbl, out_dir / "train.parquet"),
         "test.parquet": _write_parquet(test_tbl, out_dir / "test.parquet"),
         "rejects.parquet": _write_parquet(rejects_tbl, out_dir / "rejects.parquet"),
+        "pool.parquet": _write_parquet(pool_tbl, out_dir / "pool.parquet"),
     }
     counts = _counts(ing, parts, train, test)
     try:
@@ -943,6 +952,14 @@ class QuestionSet:
         return read_questions(self.curated_dir / "test.parquet")
 
     @cached_property
+    def pool(self) -> pa.Table:
+        """The whole train part of every modality (train is a sample of its in-domain part)."""
+        path = self.curated_dir / "pool.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; re-curate this folder with this kepo version")
+        return read_questions(path)
+
+    @cached_property
     def rejects(self) -> pa.Table:
         return pq.read_table(self.curated_dir / "rejects.parquet")
 
@@ -952,6 +969,9 @@ class QuestionSet:
         for split in ("train", "test"):
             for i, qid in enumerate(getattr(self, split).column("question_id").to_pylist()):
                 index[qid] = (split, i)
+        if (self.curated_dir / "pool.parquet").is_file():
+            for i, qid in enumerate(self.pool.column("question_id").to_pylist()):
+                index.setdefault(qid, ("pool", i))
         return index
 
     def row(self, question_id: str) -> dict[str, Any]:

@@ -356,3 +356,23 @@ def test_eval_cli_model_and_checkpoint_forms(
     assert "resumed" in result.output
     result = runner.invoke(app, ["eval", "--db", str(db), "--run", "base"])
     assert result.exit_code == 1 and "--checkpoint" in result.output
+
+
+def test_modalities_that_left_the_test_split_are_removed(
+    tmp_path: Path, curated_bundled: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kepo.evaluate as evaluation
+
+    run = make_run(tmp_path, curated_bundled, tmp_path / "m")
+    evaluate(run, 0, backend=FakeBackend())
+    full = evaluation.select_items
+
+    def mri_and_ct_only(test: pa.Table, cap: int | None) -> dict[str, list[dict]]:
+        return {m: rows for m, rows in full(test, cap).items() if m in ("MRI", "CT")}
+
+    monkeypatch.setattr(evaluation, "select_items", mri_and_ct_only)
+    result = evaluate(run, 0, backend=FakeBackend(fail_after=0))
+    assert result.skipped_modalities == ["MRI", "CT"]
+    assert {r["modality"] for r in predictions(run, 0)} == {"MRI", "CT"}
+    assert sorted(m["modality"] for m in metrics(run, 0)) == ["CT", "MRI"]
+    assert mismatches(run.store) == 0

@@ -60,6 +60,30 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
 
 
+def test_tokenizer_learns_the_dataset_corpus(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kepo.tiny import corpus_from_parquet
+
+    rows = {
+        "question_id": ["a", "b"],
+        "question": ["Is there pneumatosis intestinalis?", "Where is the pneumatosis?"],
+        "options": [["Yes", "No"], ["Colon", "Stomach"]],
+        "rationale": ["Gas in the bowel wall means pneumatosis.", None],
+    }
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table(rows), path)
+    texts = corpus_from_parquet([path])
+    assert "Colon" in texts and "Gas in the bowel wall means pneumatosis." in texts
+    folder = build_tiny(tmp_path / "m", "student", corpus_texts=texts * 20)
+    tokenizer = load_processor(folder).tokenizer
+    assert len(tokenizer(" pneumatosis", add_special_tokens=False)["input_ids"]) == 1
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet has none of the columns"):
+        corpus_from_parquet([tmp_path / "bad.parquet"])
+
+
 def test_teacher_is_larger_and_shares_the_tokenizer(tiny_models):
     student_dir, teacher_dir = tiny_models
     assert (student_dir / "tokenizer.json").read_bytes() == (

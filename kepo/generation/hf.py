@@ -103,13 +103,12 @@ class SeededSampler:
         if self.sampling.greedy:
             choice = processed.argmax(dim=-1)  # (B,)
         else:
-            logprobs = torch.log_softmax(
-                truncate(processed / self.sampling.temperature, self.sampling), dim=-1
-            )
-            choice = (logprobs + self._gumbel(raw)).argmax(dim=-1)  # (B,)
+            # arg-max(log_softmax(x) + g) = arg-max(x + g): the normaliser is constant per row.
+            truncated = truncate(processed / self.sampling.temperature, self.sampling)
+            choice = (truncated + self._gumbel(raw)).argmax(dim=-1)  # (B,)
         self.chosen_ids.append(choice)
-        raw_logprobs = torch.log_softmax(raw, dim=-1)
-        self.chosen_logprobs.append(raw_logprobs.gather(1, choice.unsqueeze(1)).squeeze(1))
+        chosen_raw = raw.gather(1, choice.unsqueeze(1)).squeeze(1)  # (B,)
+        self.chosen_logprobs.append(chosen_raw - torch.logsumexp(raw, dim=-1))
         one_hot = torch.full_like(scores, float("-inf"))
         return one_hot.scatter_(1, choice.unsqueeze(1), 0.0)
 

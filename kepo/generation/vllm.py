@@ -9,24 +9,28 @@ multi-modal processor expands the one `<|image_pad|>` into the image's tokens. E
 its own `vllm.SamplingParams(n=G, temperature, top_p, top_k, max_tokens, min_tokens,
 seed, logprobs=0, stop_token_ids, logit_bias)`:
 
-- `seed` = `derive_seed("vllm", request.seed)`; vLLM gives child sample i of a request
-  `seed + i` (vllm/v1/engine/parallel_sampling.py), so samples are per-request reproducible and
-  independent of batching, as in the HF backend (but a different random stream);
+- `seed` = `vllm_seed(request.seed)` (a 62-bit hash of the request seed); vLLM gives child
+  sample i of a request `seed + i` (vllm/v1/engine/parallel_sampling.py), so samples are
+  per-request reproducible and independent of batching, as in the HF backend (but a different
+  random stream). vLLM documents full reproducibility only for the same hardware and version,
+  with `VLLM_ENABLE_V1_MULTIPROCESSING=0` or batch-invariant kernels (its reproducibility page);
 - `logit_bias` of -100 on the vision control tokens (a random tiny model samples them, and a
   sampled `<|image_pad|>` would be read as an image slot when the completion is scored);
 - `top_k=0` (off) is passed as -1, which every vLLM version reads as "off".
 
 Log-probs
 ---------
-The engine is built with `logprobs_mode="raw_logprobs"` (the V1 default, made explicit):
-`logprobs=0` then returns, per generated token, exactly the sampled token's log-prob computed
-from the RAW logits, before temperature, penalties, logit bias, top-k and top-p — the policy
-log-prob convention of `kepo.generation.base`. `score()` sends prompt + completion as token ids
-(`{"prompt_token_ids": ..., "multi_modal_data": ...}`) with `SamplingParams(max_tokens=1,
-prompt_logprobs=top_k)`; vLLM computes prompt log-probs from raw logits too and always includes
-the actual prompt token besides the top-k. The completion's entries are the LAST len(completion)
-entries of `RequestOutput.prompt_logprobs` (the image expansion changes the prompt's length, the
-tail does not move).
+The engine is built with `logprobs_mode="raw_logprobs"` (the V1 default, made explicit; the
+engine argument came with vLLM PR #21398, July 2025). Per vLLM's engine-argument docs it sets
+what BOTH `logprobs` and `prompt_logprobs` return, and "raw" means before any logits processor,
+temperature, top-k or top-p — the policy log-prob convention of `kepo.generation.base`.
+`logprobs=0` returns, per generated token, the sampled token's own log-prob. `score()` sends
+prompt + completion as token ids (`{"prompt_token_ids": ..., "multi_modal_data": ...}`) with
+`SamplingParams(max_tokens=1, prompt_logprobs=top_k)`; vLLM always includes the actual prompt
+token besides the top-k (each entry is `{token_id: Logprob(logprob, rank, decoded_token)}`).
+The completion's entries are the LAST len(completion) entries of
+`RequestOutput.prompt_logprobs` (the image expansion changes the prompt's length, the tail does
+not move).
 
 New checkpoints without a restart per optimizer step
 ----------------------------------------------------
