@@ -6,7 +6,9 @@ import typer
 
 from kepo.commands import audit as audit_cmd
 from kepo.commands import curate as curate_cmd
+from kepo.commands import demo as demo_cmd
 from kepo.commands import models as models_cmd
+from kepo.commands import run as run_cmd
 from kepo.commands import sql as sql_cmd
 from kepo.commands.evaluate import evaluate_command
 from kepo.commands.report import report_command
@@ -19,7 +21,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-
 
 
 @app.callback()
@@ -35,6 +36,10 @@ app.command("eval")(evaluate_command)
 app.command("report")(report_command)
 app.command("audit")(audit_cmd.audit)
 app.command("train")(train_command)
+app.command("rollout")(run_cmd.rollout)
+app.command("run")(run_cmd.run)
+app.command("demo")(demo_cmd.demo)
+app.add_typer(run_cmd.config_app, name="config")
 
 
 def main() -> None:  # pragma: no cover - console entry point

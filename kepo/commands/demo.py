@@ -1,0 +1,52 @@
+"""`kepo demo`: the main job on the embedded default (tiny models, bundled data, CPU)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from kepo.commands.sql import print_table
+
+
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Run directory (data, models, kepo.duckdb, report.html).")] = Path("work/demo"),
+    iterations: Annotated[int | None, typer.Option(help="Training iterations per run (default: the demo config's).")] = None,
+    student_warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny student.")] = 300,
+    teacher_warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny teacher.")] = 300,
+) -> None:
+    """Curate MiniMedVQA, warm up tiny models, run KEPO and GRPO, evaluate, write the report."""
+    console = Console()
+    start = time.perf_counter()
+    console.rule("[bold]kepo demo")
+    from flows.demo import kepo_demo  # Prefect is imported only when the demo runs
+    from kepo.demo import EXAMPLE_QUERIES
+    from kepo.store import Store
+
+    result = kepo_demo(
+        workdir=str(workdir),
+        iterations=iterations,
+        student_warmup_steps=student_warmup_steps,
+        teacher_warmup_steps=teacher_warmup_steps,
+    )
+    store = Store(result["db"])
+    from kepo.commands.sql import named_query
+
+    console.rule("[bold]Table 1 (accuracy %, last checkpoint of each run)")
+    print_table(store.query(named_query("table1")), console)
+    console.rule("[bold]In-domain and OOD accuracy per checkpoint")
+    print_table(store.query(named_query("training_dynamics")), console)
+    console.rule("[bold]Exploration")
+    print_table(store.query(EXAMPLE_QUERIES[0][1]), console)
+    elapsed = time.perf_counter() - start
+    console.rule("[bold]Done")
+    console.print(f"database: [bold]{result['db']}[/bold]")
+    console.print(f"report:   [bold]{result['report']}[/bold] (open it in a browser; works offline)")
+    console.print("try:")
+    for title, sql in EXAMPLE_QUERIES:
+        console.print(f"  # {title}\n  .venv/bin/kepo sql --db {result['db']} \"{sql}\"", soft_wrap=True)
+    console.print(f"  .venv/bin/kepo audit --db {result['db']} --run demo-kepo --iteration 0")
+    console.print(f"[bold]total time: {elapsed / 60:.1f} min ({elapsed:.0f} s)[/bold]")
