@@ -7,7 +7,9 @@ the way a naive rollout loop would. Stop tokens are suppressed (`min_new_tokens 
 max_new_tokens`) so every sample has exactly `--tokens` tokens on both sides. The two sides
 alternate, `--repeats` times each after one untimed warm-up, and the medians are reported,
 wall-clock (the figure that matters) and this process's CPU seconds (less sensitive to other
-processes on a shared machine).
+processes on a shared machine). On CPU the default is one torch thread: with two threads on
+cores shared with other processes, OpenMP threads wait on each other at every tiny operator and
+both sides run 8-25x slower, the per-sample loop most.
 
     python benchmarks/hf_generate.py                    # builds a tiny student in a temp dir
     python benchmarks/hf_generate.py --model DIR --device cuda --dtype bfloat16
@@ -80,7 +82,9 @@ def main() -> None:
     parser.add_argument("--image-side", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: robust on shared cores)."
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

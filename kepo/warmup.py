@@ -32,7 +32,8 @@ import torch
 
 from kepo.curate import QuestionSet
 from kepo.models import build_sequence_batch, completion_logits, completion_mask_of, load_policy
-from kepo.objectives import dataset_target_text, sft_objective
+from kepo.losses import sft_loss
+from kepo.objectives import dataset_target_text
 from kepo.prompts import PromptItem, build_messages
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class WarmupSettings:
     """Seed of the example order."""
     torch_threads: int | None = None
     """torch.set_num_threads during the warm-up."""
+    answer_weight: float = 10.0
+    """Loss weight of the tokens inside <answer>...</answer> (the letter) relative to the others:
+    the rationale is long and easy to memorise, the one letter that matters is not."""
 
 
 @dataclass
@@ -126,7 +130,13 @@ def supervised_finetune(
     """Token cross-entropy on `examples` starting from `model_dir`; saves the model to `out_dir`."""
     if not examples:
         raise ValueError(f"{desc}: no examples; is the train pool empty?")
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -134,6 +144,7 @@ def supervised_finetune(
     model, processor = load_policy(model_dir)
     tokenizer = getattr(processor, "tokenizer", processor)
     eos = tokenizer.eos_token_id
+    answer_open, answer_close = (tokenizer.convert_tokens_to_ids(t) for t in ("<answer>", "</answer>"))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -161,20 +172,36 @@ def supervised_finetune(
                 [target_ids[e.target] for e in batch_examples],
             )
             logits = completion_logits(model, batch)  # (B, Tc, V)
-            out = sft_objective(logits, batch["completion_ids"], completion_mask_of(batch))
-            out.loss.backward()
+            mask = completion_mask_of(batch)  # (B, Tc)
+            nll, _ = sft_loss(logits, batch["completion_ids"], mask)  # (B, Tc)
+            weights = mask * answer_token_weights(batch["completion_ids"], answer_open, answer_close,
+                                                  settings.answer_weight)
+            loss = (nll * weights).sum() / weights.sum()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(out.loss.detach()))
-            progress.update(task, advance=1, loss=sum(losses[-10:]) / len(losses[-10:]))
+            losses.append(float(loss.detach()))
+            recent = sum(losses[-10:]) / len(losses[-10:])
+            progress.update(task, advance=1, loss=recent)
+            if (_step + 1) % 50 == 0:
+                log.info("%s: step %d/%d, loss %.3f", desc, _step + 1, settings.steps, recent)
     save_model(model, model_dir, out_dir)
     report = WarmupReport(Path(out_dir), len(examples), settings.steps, losses[0],
                           sum(losses[-10:]) / len(losses[-10:]), time.perf_counter() - start, losses)
     log.info("%s: %d examples, %d steps, loss %.3f -> %.3f (%.0f s)", desc, report.n_examples,
              report.steps, report.first_loss, report.last_loss, report.seconds)
     return report
+
+
+def answer_token_weights(ids: torch.Tensor, open_id: int, close_id: int, weight: float) -> torch.Tensor:
+    """(B, T) weights: `weight` on tokens strictly between <answer> and </answer>, else 1."""
+    opened = (ids == open_id).long().cumsum(dim=1)
+    closed = (ids == close_id).long().cumsum(dim=1)
+    inside = (opened > closed) & (ids != open_id)
+    return torch.where(inside, torch.full_like(ids, 0, dtype=torch.float32) + weight,
+                       torch.ones_like(ids, dtype=torch.float32))
 
 
 def save_model(model: Any, source_dir: str | Path, out_dir: str | Path) -> None:

@@ -9,6 +9,7 @@ that any method learns.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -232,14 +233,16 @@ def test_deployment_runs_iterations(tmp_path, tiny_models, curated_bundled) -> N
     logs = tmp_path / "logs"
     logs.mkdir()
     prefect = str(Path(sys.executable).with_name("prefect"))
+    # Own process groups: `prefect server start` runs uvicorn as a child that must go too.
     server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=(logs / "server.log").open("w"), stderr=subprocess.STDOUT)
+                              env=env, stdout=(logs / "server.log").open("w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
     serve = None
     try:
         _wait_healthy(port, server, logs / "server.log")
         serve = subprocess.Popen([sys.executable, "-m", "flows.serve", "--workdir", str(run.workdir)],
                                  cwd=REPO, env=env, stdout=(logs / "serve.log").open("w"),
-                                 stderr=subprocess.STDOUT)
+                                 stderr=subprocess.STDOUT, start_new_session=True)
         trigger = (
             "import sys\n"
             "from prefect.deployments import run_deployment\n"
@@ -253,11 +256,7 @@ def test_deployment_runs_iterations(tmp_path, tiny_models, curated_bundled) -> N
     finally:
         for proc in (serve, server):
             if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                _stop_group(proc)
     stages = stage_rows(run.store)
     for iteration in (0, 1):
         assert stages[(iteration, "rollout")]["status"] == "succeeded"
@@ -269,6 +268,20 @@ def test_deployment_runs_iterations(tmp_path, tiny_models, curated_bundled) -> N
     ).to_pylist()
     assert counts == [{"iteration": 0, "trained": 4 * 2}, {"iteration": 1, "trained": 4 * 2}]
     assert_no_duplicates(run.store)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, then SIGKILL what is left of it."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
 
 
 def _wait_healthy(port: int, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:

@@ -152,7 +152,7 @@ def test_lock_released_in_time_is_waited_for(tmp_path: Path) -> None:
      "ATTACH 'other.db'", "SELECT 1; DROP TABLE runs", "CREATE TABLE t (a INT)"],
 )
 def test_read_only_guard_refuses_writes(sql: str) -> None:
-    with pytest.raises(StoreError, match="read-only|one statement"):
+    with pytest.raises(StoreError, match=r"read-only|one statement"):
         check_read_only(sql)
 
 
