@@ -28,23 +28,65 @@ from kepo.losses import aggregate, policy_loss, token_logprobs
 # Qwen3-VL-2B-Instruct's published architecture (2.13 B parameters).
 PRESETS = {
     "2b": {
-        "text": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                     num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
-                     rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                                      "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
-        "vision": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
-                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                       num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
+        "text": dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5_000_000.0,
+                "mrope_section": [24, 20, 20],
+                "mrope_interleaved": True,
+            },
+        ),
+        "vision": dict(
+            depth=24,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_heads=16,
+            out_hidden_size=2048,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=2304,
+            deepstack_visual_indexes=[5, 11, 17],
+        ),
         "image_side": 384,
     },
     "tiny": {
-        "text": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=32, vocab_size=151936, tie_word_embeddings=True,
-                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                      "mrope_section": [8, 4, 4], "mrope_interleaved": True}),
-        "vision": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
-                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                       num_position_embeddings=64, deepstack_visual_indexes=[1]),
+        "text": dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [8, 4, 4],
+                "mrope_interleaved": True,
+            },
+        ),
+        "vision": dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            out_hidden_size=128,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[1],
+        ),
         "image_side": 64,
     },
 }
@@ -54,8 +96,11 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 def build_model(preset: str, dtype: torch.dtype, device: str) -> Qwen3VLForConditionalGeneration:
     spec = PRESETS[preset]
-    config = Qwen3VLConfig(text_config=spec["text"], vision_config=spec["vision"],
-                           tie_word_embeddings=spec["text"]["tie_word_embeddings"])
+    config = Qwen3VLConfig(
+        text_config=spec["text"],
+        vision_config=spec["vision"],
+        tie_word_embeddings=spec["text"]["tie_word_embeddings"],
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen3VLForConditionalGeneration(config)
@@ -72,19 +117,25 @@ def image_inputs(model, n_images: int, side: int, device: str, dtype: torch.dtyp
     return {"pixel_values": pixel_values, "image_grid_thw": grid_thw}, n_image_tokens
 
 
-def prompt_ids(model, n: int, n_image_tokens: int, text_tokens: int, device: str, gen: torch.Generator) -> torch.Tensor:
+def prompt_ids(
+    model, n: int, n_image_tokens: int, text_tokens: int, device: str, gen: torch.Generator
+) -> torch.Tensor:
     cfg = model.config
     vocab = cfg.text_config.vocab_size
     rows = []
     for _ in range(n):
         text = torch.randint(0, 150_000, (text_tokens,), generator=gen)
-        rows.append(torch.cat([
-            text[: text_tokens // 2],
-            torch.tensor([cfg.vision_start_token_id]),
-            torch.full((n_image_tokens,), cfg.image_token_id),
-            torch.tensor([cfg.vision_end_token_id]),
-            text[text_tokens // 2:],
-        ]))
+        rows.append(
+            torch.cat(
+                [
+                    text[: text_tokens // 2],
+                    torch.tensor([cfg.vision_start_token_id]),
+                    torch.full((n_image_tokens,), cfg.image_token_id),
+                    torch.tensor([cfg.vision_end_token_id]),
+                    text[text_tokens // 2 :],
+                ]
+            )
+        )
     ids = torch.stack(rows).to(device)
     assert int(ids.max()) < vocab
     return ids
@@ -117,9 +168,15 @@ def train_step_bench(model, args, device: str, dtype: torch.dtype, gen: torch.Ge
     for step in range(args.warmup_steps + args.steps):
         sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    mm_token_type_ids=mm_token_type_ids(model, input_ids), **img)
-        logits = out.logits[:, prompt.shape[1] - 1 : -1].float()  # (G, Tc, V) predicts each completion token
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            mm_token_type_ids=mm_token_type_ids(model, input_ids),
+            **img,
+        )
+        logits = out.logits[
+            :, prompt.shape[1] - 1 : -1
+        ].float()  # (G, Tc, V) predicts each completion token
         logprobs = token_logprobs(logits, completion)  # (G, Tc)
         if old_logprobs is None:
             old_logprobs = logprobs.detach()
@@ -136,34 +193,63 @@ def train_step_bench(model, args, device: str, dtype: torch.dtype, gen: torch.Ge
     tokens = int(input_ids.numel())
     step_s = sorted(times)[len(times) // 2]
     flops = 6 * n_params * tokens
-    return {"step_s": step_s, "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
-            "n_params": n_params, "achieved_tflops": flops / step_s / 1e12}
+    return {
+        "step_s": step_s,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / step_s,
+        "n_params": n_params,
+        "achieved_tflops": flops / step_s / 1e12,
+    }
 
 
 @torch.no_grad()
 def generate_bench(model, args, device: str, dtype: torch.dtype, gen: torch.Generator) -> dict:
     model.eval()
     n_prompts, n_samples = args.prompts, args.samples
-    img, n_img_tok = image_inputs(model, n_prompts, PRESETS[args.preset]["image_side"], device, dtype)
+    img, n_img_tok = image_inputs(
+        model, n_prompts, PRESETS[args.preset]["image_side"], device, dtype
+    )
     ids = prompt_ids(model, n_prompts, n_img_tok, args.prompt_text_tokens, device, gen)
     cfg = model.config
-    suppress = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_token_type_ids(model, ids),
-                  do_sample=True, temperature=0.9, top_p=0.95, num_return_sequences=n_samples,
-                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                  suppress_tokens=suppress, pad_token_id=0, **img)
+    suppress = [
+        cfg.image_token_id,
+        cfg.video_token_id,
+        cfg.vision_start_token_id,
+        cfg.vision_end_token_id,
+    ]
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=mm_token_type_ids(model, ids),
+        do_sample=True,
+        temperature=0.9,
+        top_p=0.95,
+        num_return_sequences=n_samples,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        suppress_tokens=suppress,
+        pad_token_id=0,
+        **img,
+    )
     sync(device)
     t0 = time.perf_counter()
     out = model.generate(**kwargs)
     sync(device)
     elapsed = time.perf_counter() - t0
     generated = int((out.shape[1] - ids.shape[1]) * out.shape[0])
-    return {"generate_s": elapsed, "generated_tokens": generated, "generated_tokens_per_s": generated / elapsed,
-            "sequences": int(out.shape[0]), "ms_per_decode_step": 1000 * elapsed / args.new_tokens}
+    return {
+        "generate_s": elapsed,
+        "generated_tokens": generated,
+        "generated_tokens_per_s": generated / elapsed,
+        "sequences": int(out.shape[0]),
+        "ms_per_decode_step": 1000 * elapsed / args.new_tokens,
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="2b")
     p.add_argument("--group", type=int, default=8, help="trajectories G in the training step")
     p.add_argument("--completion-tokens", type=int, default=1024)
@@ -196,21 +282,36 @@ def main() -> None:
     if gen_res and device == "cuda":
         gen_res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
-    result = {"device": gpu, "preset": args.preset, "dtype": str(dtype).removeprefix("torch."),
-              "build_s": build_s, "train": train, "generate": gen_res,
-              "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    result = {
+        "device": gpu,
+        "preset": args.preset,
+        "dtype": str(dtype).removeprefix("torch."),
+        "build_s": build_s,
+        "train": train,
+        "generate": gen_res,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
     print("gpu_step " + json.dumps(result))
     print()
     print(f"{'device':<28}{gpu}  ({result['dtype']}, {train['n_params'] / 1e9:.2f} B params)")
-    print(f"{'train step':<28}{train['step_s']:.3f} s for {args.group} x {train['tokens_per_step'] // args.group} tokens")
+    print(
+        f"{'train step':<28}{train['step_s']:.3f} s for {args.group} x {train['tokens_per_step'] // args.group} tokens"
+    )
     print(f"{'train tokens/s':<28}{train['tokens_per_s']:,.0f}")
     mfu = f"{train['mfu'] * 100:.1f} %" if train["mfu"] is not None else "n/a (no known peak)"
-    print(f"{'model FLOPs utilisation':<28}{mfu}  ({train['achieved_tflops']:.1f} TFLOP/s by 6*N*tokens)")
+    print(
+        f"{'model FLOPs utilisation':<28}{mfu}  ({train['achieved_tflops']:.1f} TFLOP/s by 6*N*tokens)"
+    )
     if train["peak_mem_gib"] is not None:
         print(f"{'train peak memory':<28}{train['peak_mem_gib']:.1f} GiB")
     if gen_res:
-        print(f"{'generate':<28}{args.prompts} prompts x {args.samples} samples x {args.new_tokens} tokens in {gen_res['generate_s']:.1f} s")
-        print(f"{'generated tokens/s':<28}{gen_res['generated_tokens_per_s']:,.0f}  ({gen_res['ms_per_decode_step']:.1f} ms per decode step)")
+        print(
+            f"{'generate':<28}{args.prompts} prompts x {args.samples} samples x {args.new_tokens} tokens in {gen_res['generate_s']:.1f} s"
+        )
+        print(
+            f"{'generated tokens/s':<28}{gen_res['generated_tokens_per_s']:,.0f}  ({gen_res['ms_per_decode_step']:.1f} ms per decode step)"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from kepo.commands import demo as demo_cmd
 from kepo.commands import models as models_cmd
 from kepo.commands import run as run_cmd
 from kepo.commands import sql as sql_cmd
+from kepo.commands import study as study_cmd
 from kepo.commands.evaluate import evaluate_command
 from kepo.commands.report import report_command
 from kepo.commands.train import train_command
@@ -39,6 +40,7 @@ app.command("train")(train_command)
 app.command("rollout")(run_cmd.rollout)
 app.command("run")(run_cmd.run)
 app.command("demo")(demo_cmd.demo)
+app.command("study")(study_cmd.study)
 app.add_typer(run_cmd.config_app, name="config")
 
 

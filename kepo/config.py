@@ -341,6 +341,20 @@ class StoreConfig(_Section):
     )
 
 
+# ---------------------------------------------------------------------------------- study
+class StudyTag(_Section):
+    """Where a run sits in a study (`kepo study` sets it; standalone runs leave it unset)."""
+
+    name: str = _f(
+        "Study name; runs with the same name form one study.", pattern=r"^[A-Za-z0-9_-]+$"
+    )
+    method: str = _f("Method name within the study (e.g. grpo, kepo-tau1).")
+    seed: int = _f("The study seed this run uses (its master and training seed).", 0)
+    role: Literal["method", "teacher"] = _f(
+        "method = a compared method; teacher = the teacher evaluated as a reference.", "method"
+    )
+
+
 # ---------------------------------------------------------------------------------- run
 class RunConfig(_Section):
     """One KEPO (or baseline) run."""
@@ -366,6 +380,9 @@ class RunConfig(_Section):
     train: TrainConfig = _f("Training step.", default_factory=TrainConfig)
     eval: EvalConfig = _f("Evaluation stage.", default_factory=EvalConfig)
     store: StoreConfig = _f("DuckDB store.", default_factory=StoreConfig)
+    study: StudyTag | None = _f(
+        "Study membership (set by `kepo study`); None for a standalone run.", None
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -15,6 +15,11 @@ report is one a user can reproduce in SQL. Sections:
 7. Exploration and 8. quality gate per iteration (`exploration`, `gate`, written with the
    rollout stage), when those queries exist and return rows.
 
+Runs launched by `kepo study` (a `study` tag in their config) add a study page after the runs
+table (`study_section`): mean ± SD over seeds per method (Table 1 style, with the teacher as a
+reference row), curves per method with a ± SD band, the all-zero-group rate and the exploration
+acceptance per iteration.
+
 A section without data says so ("no rollouts yet") instead of failing. The file needs no
 network: CSS is inline, every plot is a matplotlib SVG (text drawn as paths, so no fonts are
 needed) embedded as a `data:` URI, and there is no script. Each plot is a
@@ -112,6 +117,13 @@ def build_report(
         ),
         _section("gate", "Quality gate", _gate_section(gate, labels)),
     ]
+    # Runs launched by `kepo study` carry a study tag: each study gets its own page section.
+    from kepo.study import study_names
+
+    for i, name in enumerate(study_names(store, selected)):
+        sections.insert(
+            1 + i, _section(f"study-{name}", f"Study: {name}", study_section(store, name))
+        )
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(_page(store.path, selected, sections), encoding="utf-8")
@@ -466,6 +478,198 @@ def _mean_per_iteration(rows: list[dict[str, Any]], columns: Sequence[str]) -> l
     return out
 
 
+# ------------------------------------------------------------------------------ study page
+def _pm(mean: float | None, sd: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.2f}" if sd is None else f"{mean:.2f} ± {sd:.2f}"
+
+
+def study_section(store: Store, study: str) -> str:
+    """The study page: Table 1-style mean ± SD per method, curves, all-zero rate, exploration.
+
+    Numbers come from the summary queries of `kepo.study` (SQL over the same store).
+    """
+    from kepo import study as st
+
+    runs = st.study_runs(store, study)
+    if not runs:
+        return _empty(f"study {study}: no method runs registered yet")
+    summary = st.summary_table(store, study)
+    reference = st.reference_table(store, study)
+    curves = st.curves(store, study)
+    zero = st.all_zero_rates(store, study)
+    exploration = [r for r in st.exploration_rates(store, study) if r["n_triggered"]]
+    seeds = sorted({r["seed"] for r in runs})
+    modality = runs[0]["in_domain_modality"]
+    labels = {r["method"]: r["method_label"] for r in summary} or {
+        r["method"]: r["method_label"] for r in runs
+    }
+    colors = {method: _color(i) for i, method in enumerate(labels)}
+    parts = [
+        f'<p class="meta">In-domain modality <b>{_esc(modality)}</b> · {len(labels)} methods · '
+        f"seeds {_esc(', '.join(map(str, seeds)))} · {len(runs)} runs</p>"
+    ]
+    if summary:
+        rows = [
+            [
+                r["method_label"],
+                r["n_seeds"],
+                r["checkpoint"],
+                _pm(r["id_mean"], r["id_sd"]),
+                _pm(r["ood_mean"], r["ood_sd"]),
+                _pm(r["avg_mean"], r["avg_sd"]),
+            ]
+            for r in summary
+        ]
+        rows += [
+            [
+                r["method_label"],
+                "–",
+                r["checkpoint"],
+                _pm(r["id_mean"], None),
+                _pm(r["ood_mean"], None),
+                _pm(r["avg_mean"], None),
+            ]
+            for r in reference
+        ]
+        headers = ["Method", "Seeds", "Checkpoint", f"ID ({modality})", "Avg OOD", "Avg"]
+        parts.append(_html_table(headers, rows))
+        parts.append(
+            '<p class="note">Accuracy in %, mean ± sample standard deviation over seeds at the '
+            "last evaluated checkpoint (no ± with one seed). Avg OOD is the mean over the seven "
+            "other modalities. The teacher row is the warmed-up teacher evaluated once, for "
+            "reference. SQL: <code>kepo.study.SUMMARY_SQL</code>.</p>"
+        )
+    else:
+        parts.append(_empty("no evaluations of the study's runs yet"))
+    if curves:
+        series = [{**r, "run_id": r["method"]} for r in curves]
+        parts.append(
+            _figure(
+                _band_panels(
+                    series,
+                    labels,
+                    [("id", f"In-domain ({modality}) accuracy (%)"), ("ood", "OOD average (%)")],
+                    xlabel="checkpoint (training iterations)",
+                    salt=f"study-{study}",
+                ),
+                "Mean over seeds per checkpoint, shaded ± one standard deviation (Figure 2 style).",
+            )
+        )
+    if zero:
+        series = [{**r, "run_id": r["method"]} for r in zero]
+        parts.append(
+            _figure(
+                _line_panels(
+                    series,
+                    labels,
+                    panels=[
+                        ("all_zero_rate", "all-zero groups (share of prompts)"),
+                        ("mean_policy_correct", "correct samples per prompt (of G)"),
+                    ],
+                    xlabel="iteration",
+                    salt=f"study-zero-{study}",
+                    colors=colors,
+                    ylim={"all_zero_rate": _UNIT_RANGE},
+                ),
+                "Left: share of prompts whose G on-policy samples all had accuracy reward 0 "
+                "(<code>prompts.n_policy_correct = 0</code>), pooled over seeds: the learning "
+                "cliff. Right: mean number of correct on-policy samples per prompt.",
+            )
+        )
+        first = min(r["iteration"] for r in zero)
+        rows = [
+            [
+                labels.get(r["method"], r["method"]),
+                r["n_prompts"],
+                r["n_all_zero"],
+                f"{100 * r['all_zero_rate']:.1f} %",
+            ]
+            for r in zero
+            if r["iteration"] == first
+        ]
+        parts.append(_html_table(["Method", "Prompts", "All-zero groups", "Rate"], rows))
+        parts.append(
+            f'<p class="note">All-zero-group rate at iteration {first} (before any '
+            "training), pooled over seeds.</p>"
+        )
+    else:
+        parts.append(_empty("no rollouts of the study's runs yet"))
+    if exploration:
+        series = [{**r, "run_id": r["method"]} for r in exploration]
+        parts.append(
+            _figure(
+                _line_panels(
+                    series,
+                    labels,
+                    panels=[
+                        ("trigger_rate", "triggered / prompts"),
+                        ("acceptance_rate", "acceptance (injected / triggered)"),
+                    ],
+                    xlabel="iteration",
+                    salt=f"study-explore-{study}",
+                    colors=colors,
+                    ylim=dict.fromkeys(("trigger_rate", "acceptance_rate"), _UNIT_RANGE),
+                ),
+                "Knowledge-enhanced exploration per iteration, KEPO runs pooled over seeds: share "
+                "of prompts that triggered, and share of those that got a hint-aware trajectory "
+                "injected.",
+            )
+        )
+    else:
+        parts.append(_empty("no prompt triggered exploration in this study"))
+    return "".join(parts)
+
+
+def _band_panels(
+    rows: list[dict[str, Any]],
+    labels: dict[str, str],
+    panels: Sequence[tuple[str, str]],
+    *,
+    xlabel: str,
+    salt: str,
+) -> str:
+    """One panel per prefix p: the `{p}_mean` line per series, shaded `{p}_sd` band."""
+    from matplotlib.figure import Figure
+
+    order = [k for k in labels if any(r["run_id"] == k for r in rows)]
+    colors = {k: _color(i) for i, k in enumerate(labels)}  # the same colour in every plot
+    fig = Figure(figsize=(min(4.6 * len(panels), 14), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (prefix, title) in zip(axes, panels, strict=True):
+        for key in order:
+            series = sorted((r for r in rows if r["run_id"] == key), key=lambda r: r["iteration"])
+            points = [
+                (r["iteration"], r[f"{prefix}_mean"], r[f"{prefix}_sd"] or 0.0)
+                for r in series
+                if r[f"{prefix}_mean"] is not None
+            ]
+            if not points:
+                continue
+            xs, ys, sds = zip(*points, strict=True)
+            ax.plot(xs, ys, "-", marker="o", ms=4, color=colors[key], label=labels[key])
+            ax.fill_between(
+                xs,
+                [y - d for y, d in zip(ys, sds, strict=True)],
+                [y + d for y, d in zip(ys, sds, strict=True)],
+                color=colors[key],
+                alpha=0.15,
+                linewidth=0,
+            )
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.grid(alpha=0.3)
+        _integer_x(ax, sorted({r["iteration"] for r in rows}))
+    handles, names = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=8)
+        fig.tight_layout(rect=(0, 0.08 + 0.05 * ((len(names) - 1) // 4), 1, 1))
+    else:
+        fig.tight_layout()
+    return _svg(fig, salt)
+
+
 # ------------------------------------------------------------------------------ plots
 def _color(i: int) -> str:
     palette = (
@@ -484,10 +688,12 @@ def _line_panels(
     salt: str,
     dashed: dict[str, str] | None = None,
     ylim: dict[str, tuple[float, float]] | None = None,
+    colors: dict[str, str] | None = None,
 ) -> str:
     """One panel per (column, title); in each, one line per run over `iteration`.
 
-    dashed: column -> a second column drawn dashed in the same panel; ylim: column -> y range.
+    dashed: column -> a second column drawn dashed in the same panel; ylim: column -> y range;
+    colors: run -> colour (default: by position among the runs plotted).
     """
     from matplotlib.figure import Figure
 
@@ -508,7 +714,8 @@ def _line_panels(
                 points = [(r["iteration"], r[col]) for r in series if r.get(col) is not None]
                 if points:
                     xs, ys = zip(*points, strict=True)
-                    ax.plot(xs, ys, style, marker="o", ms=4, color=_color(i), label=label)
+                    color = (colors or {}).get(run_id, _color(i))
+                    ax.plot(xs, ys, style, marker="o", ms=4, color=color, label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.grid(alpha=0.3)
@@ -571,4 +778,4 @@ def _page(db_path: Path, runs: Sequence[str], sections: list[tuple[str, str, str
     )
 
 
-__all__ = ["TABLE1_COLUMNS", "build_report"]
+__all__ = ["TABLE1_COLUMNS", "build_report", "study_section"]

@@ -1,0 +1,64 @@
+"""`kepo study`: the learning-cliff study from one study config (flow: `flows/study.py`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from kepo.commands.sql import print_table
+
+
+def study(
+    config: Annotated[
+        Path, typer.Option("--config", help="Study YAML, e.g. configs/study-tiny.yaml.")
+    ],
+    workdir: Annotated[
+        Path | None, typer.Option(help="Study directory (default: the study config's workdir).")
+    ] = None,
+) -> None:
+    """Warm up tiny models once, run every method x seed, evaluate, write one DB and one report."""
+    console = Console()
+    from kepo.study import StudyError, load_study
+
+    try:
+        spec = load_study(config, workdir=workdir)
+    except StudyError as err:
+        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+    start = time.perf_counter()
+    console.rule(f"[bold]kepo study {spec.name}")
+    console.print(
+        f"{len(spec.methods)} methods x {len(spec.seeds)} seeds, "
+        f"{spec.iterations} iterations each, in-domain {spec.in_domain}"
+    )
+    from flows.study import kepo_study  # Prefect is imported only when a study runs
+    from kepo.store import Store
+    from kepo.study import all_zero_rates, exploration_rates, reference_table, summary_table
+
+    result = kepo_study(config=str(config), workdir=str(workdir) if workdir else None)
+    store = Store(result["db"])
+    console.rule("[bold]Accuracy % at the last checkpoint (mean, SD over seeds)")
+    print_table(
+        _table(summary_table(store, spec.name) + reference_table(store, spec.name)), console
+    )
+    console.rule("[bold]All-zero-group rate per iteration")
+    print_table(_table(all_zero_rates(store, spec.name)), console)
+    console.rule("[bold]Exploration per iteration (KEPO)")
+    print_table(
+        _table([r for r in exploration_rates(store, spec.name) if r["n_triggered"]]), console
+    )
+    elapsed = time.perf_counter() - start
+    console.rule("[bold]Done")
+    console.print(f"database: [bold]{result['db']}[/bold]")
+    console.print(f"report:   [bold]{result['report']}[/bold]")
+    console.print(f"[bold]total time: {elapsed / 60:.1f} min ({elapsed:.0f} s)[/bold]")
+
+
+def _table(rows: list[dict]):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows)
