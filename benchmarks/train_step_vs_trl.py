@@ -3,9 +3,10 @@
 Same tiny Qwen3-VL student (kepo.tiny), same batch (`--prompts` x `--group` rows, every
 completion exactly `--tokens` tokens, one `--image-side` px image per prompt), fp32 on the
 CPU, AdamW with the same lr / betas / weight decay / eps, gradient clipping at 1.0, constant
-learning rate, one micro-batch per optimizer step (all rows), token-mean loss, no KL term, and
-activation checkpointing off on both sides (kepo's default; TRL's GRPOConfig turns it on by
-default, which trades time for memory: `--gradient-checkpointing` turns it on for both).
+learning rate, one micro-batch per optimizer step (all rows), token-mean PPO-clipped policy
+loss (TRL always clips), no KL term, and activation checkpointing off on both sides (kepo's
+default; TRL's GRPOConfig turns it on by default, which trades time for memory:
+`--gradient-checkpointing` turns it on for both).
 
 What each side times (wall clock, one optimizer step):
 
@@ -170,7 +171,7 @@ class OurStep:
                 "train.adam_betas": [0.9, 0.999],
                 "train.mixed_precision": "no",
                 "train.gradient_checkpointing": args.gradient_checkpointing,
-                "algorithm.clip": False,
+                "algorithm.clip": True,  # TRL always applies the PPO clip
                 "algorithm.kl_coef": 0.0,
                 "algorithm.loss_aggregation": "token_mean",
             },

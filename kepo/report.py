@@ -502,9 +502,7 @@ def study_section(store: Store, study: str) -> str:
     exploration = [r for r in st.exploration_rates(store, study) if r["n_triggered"]]
     seeds = sorted({r["seed"] for r in runs})
     modality = runs[0]["in_domain_modality"]
-    labels = {r["method"]: r["method_label"] for r in summary} or {
-        r["method"]: r["method_label"] for r in runs
-    }
+    labels = {r["method"]: r["method_label"] for r in runs}  # every method, first-run order
     colors = {method: _color(i) for i, method in enumerate(labels)}
     parts = [
         f'<p class="meta">In-domain modality <b>{_esc(modality)}</b> · {len(labels)} methods · '

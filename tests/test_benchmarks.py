@@ -14,7 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TRL = importlib.util.find_spec("trl") is not None
-needs_trl = pytest.mark.skipif(not HAS_TRL, reason="needs the `bench` extra (pip install -e .[bench])")
+needs_trl = pytest.mark.skipif(
+    not HAS_TRL, reason="needs the `bench` extra (pip install -e .[bench])"
+)
 
 
 def run_script(name: str, *args: str, timeout: int = 300) -> tuple[dict, str]:
@@ -50,7 +52,7 @@ def test_common_helpers_alternate_and_parse() -> None:
     if reset_peak_rss():
         before = rss_mb()
         block = bytearray(64 * 2**20)  # touched: 64 MiB resident
-        block[:: 4096] = b"\1" * len(block[:: 4096])
+        block[::4096] = b"\1" * len(block[::4096])
         assert peak_rss_mb() - before > 50
         del block
 

@@ -58,7 +58,18 @@ def test_every_field_has_a_description() -> None:
     assert missing == []
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("**/*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_load(path: Path) -> None:
+RUN_CONFIGS = sorted(p for p in CONFIGS.glob("**/*.yaml") if not p.name.startswith("study-"))
+STUDY_CONFIGS = sorted(CONFIGS.glob("study-*.yaml"))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_shipped_run_configs_load(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
+
+
+@pytest.mark.parametrize("path", STUDY_CONFIGS, ids=lambda p: p.name)
+def test_shipped_study_configs_load(path: Path) -> None:
+    from kepo.study import load_study
+
+    assert load_study(path).methods

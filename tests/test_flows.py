@@ -170,8 +170,9 @@ def test_killed_during_training_resumes_at_training(tmp_path, tiny_models, curat
     """SIGKILL the run flow while iteration 1 trains; the rerun continues at iteration 1's training."""
     config = write_config(tmp_path, curated_bundled, tiny_models, **{"train.passes": 4})
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
+    # Own process group: the flow starts a temporary Prefect API as a child, which must die too.
     proc = subprocess.Popen([sys.executable, "-c", _RESUME_SCRIPT, str(config)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     db = tmp_path / "work" / "kepo.duckdb"
     deadline = time.monotonic() + 600
     killed = False
@@ -183,11 +184,14 @@ def test_killed_during_training_resumes_at_training(tmp_path, tiny_models, curat
                 except Exception:  # the writer holds the file for a moment
                     status = None
                 if status == "running":
-                    proc.send_signal(signal.SIGKILL)
+                    os.killpg(proc.pid, signal.SIGKILL)
                     killed = True
                     break
             time.sleep(0.05)
     finally:
+        if not killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     assert killed, "the flow finished or stalled before iteration 1's training started"
     store = Store(db)

@@ -10,7 +10,6 @@ repeated from the same data, models and seeds gives the same rows — never whic
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -226,7 +225,6 @@ def _stages(store: Store, run_id: str) -> dict[tuple[int, str], str]:
 
 @pytest.mark.slow
 def test_ci_study_end_to_end(tmp_path: Path, prefect_harness) -> None:
-    from flows.iteration import kepo_run
     from flows.study import kepo_study
 
     workdir = tmp_path / "study"
@@ -292,21 +290,18 @@ def test_ci_study_end_to_end(tmp_path: Path, prefect_harness) -> None:
     report = Path(result["report"]).read_text()
     assert f'<section id="study-{study.name}">' in report
 
-    # Reproducibility: the KEPO τ=1 run again, from copies of the same data and models in a
-    # fresh workdir, gives the very same rollouts and predictions.
-    again = tmp_path / "again"
-    for sub in ("data", "models"):
-        shutil.copytree(workdir / sub, again / sub)
-    rerun = next(p for p in plan_runs(load_study(STUDY_CI, workdir=again))
-                 if p.run_id.endswith("kepo-tau1-s0"))  # fmt: skip
-    kepo_run(rerun.config_path, overrides=rerun.overrides)
+    # Reproducibility: the same command in a fresh workdir (curation, warm-up and every run
+    # again) gives the very same rows.
+    again = kepo_study(config=str(STUDY_CI), workdir=str(tmp_path / "again"))
+    second = Store(again["db"])
     columns = {
-        "eval_predictions": "iteration, question_id, output_text, correct",
-        "rollouts": "iteration, prompt_id, sample_idx, source, trained, completion_ids, reward_total",
-        "prompts": "iteration, prompt_id, n_policy_correct, triggered, n_injected",
+        "eval_predictions": "run_id, iteration, question_id, output_text, correct",
+        "rollouts": "run_id, iteration, prompt_id, sample_idx, source, trained, completion_ids, "
+        "reward_total",
+        "prompts": "run_id, iteration, prompt_id, n_policy_correct, triggered, n_injected",
+        "hint_attempts": "run_id, iteration, prompt_id, attempt_idx, k_idx, completion_text",
     }
-    second = Store(again / "kepo.duckdb")
     for table, cols in columns.items():
-        sql = f"SELECT {cols} FROM {table} WHERE run_id = ? ORDER BY ALL"
-        first_rows = store.query(sql, [rerun.run_id]).to_pylist()
-        assert first_rows and second.query(sql, [rerun.run_id]).to_pylist() == first_rows, table
+        sql = f"SELECT {cols} FROM {table} ORDER BY ALL"
+        first_rows = store.query(sql).to_pylist()
+        assert first_rows and second.query(sql).to_pylist() == first_rows, table

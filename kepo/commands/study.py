@@ -6,10 +6,15 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import pyarrow as pa
 import typer
 from rich.console import Console
 
 from kepo.commands.sql import print_table
+
+SUMMARY_COLUMNS = ("method", "n_seeds", "checkpoint", "id_mean", "id_sd", "ood_mean", "ood_sd")
+ZERO_COLUMNS = ("method", "iteration", "n_prompts", "n_all_zero", "all_zero_rate")
+EXPLORATION_COLUMNS = ("method", "iteration", "n_triggered", "n_accepted", "acceptance_rate")
 
 
 def study(
@@ -42,15 +47,13 @@ def study(
     result = kepo_study(config=str(config), workdir=str(workdir) if workdir else None)
     store = Store(result["db"])
     console.rule("[bold]Accuracy % at the last checkpoint (mean, SD over seeds)")
-    print_table(
-        _table(summary_table(store, spec.name) + reference_table(store, spec.name)), console
-    )
-    console.rule("[bold]All-zero-group rate per iteration")
-    print_table(_table(all_zero_rates(store, spec.name)), console)
+    summary = summary_table(store, spec.name) + reference_table(store, spec.name)
+    print_table(_table(summary, SUMMARY_COLUMNS), console)
+    console.rule("[bold]All-zero-group rate per iteration (G samples all wrong)")
+    print_table(_table(all_zero_rates(store, spec.name), ZERO_COLUMNS), console)
     console.rule("[bold]Exploration per iteration (KEPO)")
-    print_table(
-        _table([r for r in exploration_rates(store, spec.name) if r["n_triggered"]]), console
-    )
+    explored = [r for r in exploration_rates(store, spec.name) if r["n_triggered"]]
+    print_table(_table(explored, EXPLORATION_COLUMNS), console)
     elapsed = time.perf_counter() - start
     console.rule("[bold]Done")
     console.print(f"database: [bold]{result['db']}[/bold]")
@@ -58,7 +61,9 @@ def study(
     console.print(f"[bold]total time: {elapsed / 60:.1f} min ({elapsed:.0f} s)[/bold]")
 
 
-def _table(rows: list[dict]):
-    import pyarrow as pa
-
-    return pa.Table.from_pylist(rows)
+def _table(rows: list[dict], columns: tuple[str, ...]) -> pa.Table:
+    """The printed columns of summary rows (rates rounded for the terminal)."""
+    rounded = [
+        {c: round(r[c], 3) if isinstance(r[c], float) else r[c] for c in columns} for r in rows
+    ]
+    return pa.Table.from_pylist(rounded) if rounded else pa.table({c: [] for c in columns})
