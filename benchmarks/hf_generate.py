@@ -21,7 +21,7 @@ The sides alternate, `--repeats` times each after one untimed warm-up, and the m
 wall-clock (the figure that matters) and this process's CPU seconds (less sensitive to other
 processes on a shared machine). On CPU the default is one torch thread: with two threads on
 cores shared with other processes, OpenMP threads wait on each other at every tiny operator and
-both sides run 8-25x slower, the per-sample loop most.
+every side runs 8-25x slower, the per-sample loop most.
 
     python benchmarks/hf_generate.py                    # builds a tiny student in a temp dir
     python benchmarks/hf_generate.py --no-trl            # without TRL (no trl needed)

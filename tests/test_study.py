@@ -269,6 +269,10 @@ def test_ci_study_end_to_end(tmp_path: Path, prefect_harness) -> None:
             assert count > 0, f"{method}: no prompt triggered exploration"
         else:
             assert count == 0, f"{method} must never explore"
+    # Every prompt that triggered asked the teacher for a hint (the 20-step CI teacher's hints
+    # are mostly malformed, so the hint-aware attempts themselves are left to test_rollout).
+    n_hints = store.query("SELECT count(*) AS n FROM hints").to_pylist()[0]["n"]
+    assert n_hints == sum(triggered.values())
     reasons = (
         store.query(
             "SELECT DISTINCT trigger_reason FROM prompts WHERE run_id LIKE ? AND run_id NOT LIKE ?",
@@ -299,7 +303,7 @@ def test_ci_study_end_to_end(tmp_path: Path, prefect_harness) -> None:
         "rollouts": "run_id, iteration, prompt_id, sample_idx, source, trained, completion_ids, "
         "reward_total",
         "prompts": "run_id, iteration, prompt_id, n_policy_correct, triggered, n_injected",
-        "hint_attempts": "run_id, iteration, prompt_id, attempt_idx, k_idx, completion_text",
+        "hints": "run_id, iteration, prompt_id, raw_output, hint_text",
     }
     for table, cols in columns.items():
         sql = f"SELECT {cols} FROM {table} ORDER BY ALL"
