@@ -37,9 +37,16 @@ def curate_task(config: str, overrides: dict) -> str:
 
 
 @task(name="prepare-tiny-models")
-def models_task(workdir: str, curated_dir: str, in_domain: str, student_steps: int, teacher_steps: int) -> dict:
-    return prepare_models(Path(workdir), Path(curated_dir), in_domain=in_domain,
-                          student_steps=student_steps, teacher_steps=teacher_steps)
+def models_task(
+    workdir: str, curated_dir: str, in_domain: str, student_steps: int, teacher_steps: int
+) -> dict:
+    return prepare_models(
+        Path(workdir),
+        Path(curated_dir),
+        in_domain=in_domain,
+        student_steps=student_steps,
+        teacher_steps=teacher_steps,
+    )
 
 
 @task(name="report")
@@ -64,7 +71,9 @@ def kepo_demo(
     overrides = demo_overrides(root, iterations)
     first = load_config(configs[0], overrides=overrides)
     curated = curate_task(configs[0], overrides)
-    models_task(str(root), curated, first.in_domain_modality, student_warmup_steps, teacher_warmup_steps)
+    models_task(
+        str(root), curated, first.in_domain_modality, student_warmup_steps, teacher_warmup_steps
+    )
     for config in configs:
         logger.info("run %s", config)
         kepo_run(config, iterations=iterations, overrides=overrides)

@@ -31,12 +31,16 @@ def stage_task(workdir: str, run_id: str, iteration: int, stage: str) -> str:
 
 
 @task(name="rollout-shard", task_run_name="rollout-{iteration}-shard-{shard_index}")
-def rollout_shard_task(workdir: str, run_id: str, iteration: int, shard_index: int, n_shards: int) -> str:
+def rollout_shard_task(
+    workdir: str, run_id: str, iteration: int, shard_index: int, n_shards: int
+) -> str:
     """Roll out one shard of the iteration's prompts into Parquet files; returns their folder."""
     from kepo.rollout import rollout_shard
 
     run = _open(workdir, run_id)
-    out = run.workdir / "shards" / run_id / f"iteration-{iteration:04d}" / f"shard-{shard_index:03d}"
+    out = (
+        run.workdir / "shards" / run_id / f"iteration-{iteration:04d}" / f"shard-{shard_index:03d}"
+    )
     return str(rollout_shard(run, iteration, shard_index, n_shards, out))
 
 
@@ -47,7 +51,12 @@ def commit_shards_task(workdir: str, run_id: str, iteration: int, shard_dirs: li
     from kepo.rollout import commit_shards
 
     run = _open(workdir, run_id)
-    run_stage(run, iteration, "rollout", lambda: commit_shards(run, iteration, [Path(d) for d in shard_dirs]))
+    run_stage(
+        run,
+        iteration,
+        "rollout",
+        lambda: commit_shards(run, iteration, [Path(d) for d in shard_dirs]),
+    )
     return len(shard_dirs)
 
 
@@ -60,14 +69,18 @@ def sharded_rollout(workdir: str, run_id: str, iteration: int, n_shards: int) ->
 
 
 @flow(name="kepo-iteration", log_prints=True)
-def kepo_iteration(run_id: str, iteration: int, workdir: str = DEFAULT_WORKDIR, resume: bool = True) -> list[str]:
+def kepo_iteration(
+    run_id: str, iteration: int, workdir: str = DEFAULT_WORKDIR, resume: bool = True
+) -> list[str]:
     """One KEPO iteration of a registered run: rollout -> train -> evaluate (every N iterations)."""
     logger = get_run_logger()
     run = _open(workdir, run_id)
     done: list[str] = []
     for planned in iteration_plan(run, iteration):
         if resume and is_done(run, planned.iteration, planned.stage):
-            logger.info("%s of iteration %d already succeeded; skipping", planned.stage, planned.iteration)
+            logger.info(
+                "%s of iteration %d already succeeded; skipping", planned.stage, planned.iteration
+            )
             continue
         if planned.stage == "rollout" and run.config.rollout.shards > 1:
             sharded_rollout(workdir, run_id, iteration, run.config.rollout.shards)
@@ -86,7 +99,9 @@ def kepo_run(config: str, iterations: int | None = None, overrides: dict | None 
     plan = run_plan(run, iterations)
     todo = [p for p in plan if not is_done(run, p.iteration, p.stage)]
     if todo and len(todo) < len(plan):
-        logger.info("resuming run %s at %s of iteration %d", cfg.run_id, todo[0].stage, todo[0].iteration)
+        logger.info(
+            "resuming run %s at %s of iteration %d", cfg.run_id, todo[0].stage, todo[0].iteration
+        )
     workdir = str(cfg.workdir)
     for planned in todo:
         if planned.stage == "rollout" and cfg.rollout.shards > 1:

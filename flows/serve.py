@@ -16,10 +16,14 @@ from flows.iteration import kepo_iteration
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", default="work/demo", help="Run directory holding kepo.duckdb.")
     parser.add_argument("--name", default="local", help="Deployment name.")
-    parser.add_argument("--limit", type=int, default=1, help="Concurrent runs (1: DuckDB has one writer).")
+    parser.add_argument(
+        "--limit", type=int, default=1, help="Concurrent runs (1: DuckDB has one writer)."
+    )
     args = parser.parse_args()
     kepo_iteration.serve(
         name=args.name,

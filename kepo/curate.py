@@ -956,7 +956,9 @@ class QuestionSet:
         """The whole train part of every modality (train is a sample of its in-domain part)."""
         path = self.curated_dir / "pool.parquet"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; re-curate this folder with this kepo version")
+            raise FileNotFoundError(
+                f"{path}: missing; re-curate this folder with this kepo version"
+            )
         return read_questions(path)
 
     @cached_property

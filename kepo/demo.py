@@ -62,8 +62,14 @@ def prepare_models(
     """Build (if absent) and warm up (if not done) the tiny student and teacher in `workdir`."""
     dirs = model_dirs(workdir)
     marker = dirs["base"].parent / "warmup.json"
-    wanted = {"seed": seed, "student_steps": student_steps, "teacher_steps": teacher_steps,
-              "in_domain": in_domain, "thinking": thinking, "curated_dir": str(curated_dir)}
+    wanted = {
+        "seed": seed,
+        "student_steps": student_steps,
+        "teacher_steps": teacher_steps,
+        "in_domain": in_domain,
+        "thinking": thinking,
+        "curated_dir": str(curated_dir),
+    }
     if marker.is_file():
         done = json.loads(marker.read_text())
         if done.get("settings") == wanted and dirs["student"].is_dir() and dirs["teacher"].is_dir():
@@ -73,15 +79,22 @@ def prepare_models(
     corpus = corpus_from_parquet([curated_dir / "pool.parquet", curated_dir / "test.parquet"])
     base_student, base_teacher = build_tiny_pair(dirs["base"], seed=seed, corpus_texts=corpus)
     student, teacher = warm_up_pair(
-        questions, base_student, base_teacher, dirs["student"], dirs["teacher"],
-        in_domain=in_domain, thinking=thinking,
+        questions,
+        base_student,
+        base_teacher,
+        dirs["student"],
+        dirs["teacher"],
+        in_domain=in_domain,
+        thinking=thinking,
         student_settings=WarmupSettings(steps=student_steps, seed=seed),
         teacher_settings=WarmupSettings(steps=teacher_steps, seed=seed),
     )
     result = {
         "settings": wanted,
-        "student": {k: v for k, v in asdict(student).items() if k != "losses"} | {"model_dir": str(student.model_dir)},
-        "teacher": {k: v for k, v in asdict(teacher).items() if k != "losses"} | {"model_dir": str(teacher.model_dir)},
+        "student": {k: v for k, v in asdict(student).items() if k != "losses"}
+        | {"model_dir": str(student.model_dir)},
+        "teacher": {k: v for k, v in asdict(teacher).items() if k != "losses"}
+        | {"model_dir": str(teacher.model_dir)},
     }
     marker.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result

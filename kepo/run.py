@@ -90,9 +90,13 @@ class Run:
         return path if path.is_absolute() else self.workdir / path
 
     def latest_policy_version(self) -> int:
-        rows = self.store.query(
-            "SELECT max(iteration) AS v FROM checkpoints WHERE run_id = ?", [self.run_id]
-        ) if self.store.path.exists() else None
+        rows = (
+            self.store.query(
+                "SELECT max(iteration) AS v FROM checkpoints WHERE run_id = ?", [self.run_id]
+            )
+            if self.store.path.exists()
+            else None
+        )
         value = rows.column("v")[0].as_py() if rows is not None and rows.num_rows else None
         return int(value) if value is not None else 0
 

@@ -74,7 +74,9 @@ def to_arrow(table: Table, rows: Rows) -> pa.Table:
         try:
             data = rows.select(schema.names).cast(schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
-            raise ValidationFailed(f"{table.name}: cannot cast rows to the declared types: {err}") from None
+            raise ValidationFailed(
+                f"{table.name}: cannot cast rows to the declared types: {err}"
+            ) from None
     else:
         rows = list(rows)
         for i, row in enumerate(rows):
@@ -121,7 +123,9 @@ def _validate(table: Table, data: pa.Table) -> None:
     try:
         table.pandera_schema().validate(data)
     except (pandera.errors.SchemaError, pandera.errors.SchemaErrors) as err:
-        raise ValidationFailed(f"{table.name}: rows fail the declared checks: {str(err)[:1000]}") from None
+        raise ValidationFailed(
+            f"{table.name}: rows fail the declared checks: {str(err)[:1000]}"
+        ) from None
 
 
 def _find_violations(table: Table, data: pa.Table) -> list[str]:
@@ -169,7 +173,9 @@ class Store:
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection; retries while another process holds the file."""
         if read_only and not self.path.exists():
-            raise StoreError(f"{self.path}: no such database; run a pipeline stage first (e.g. `kepo demo`)")
+            raise StoreError(
+                f"{self.path}: no such database; run a pipeline stage first (e.g. `kepo demo`)"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.lock_timeout_s
         delay = 0.05
@@ -220,7 +226,9 @@ class Store:
             where["iteration"] = iteration
         return self.replace_rows(tables, where=where)
 
-    def replace_rows(self, tables: Mapping[str, Rows], *, where: Mapping[str, Any]) -> dict[str, int]:
+    def replace_rows(
+        self, tables: Mapping[str, Rows], *, where: Mapping[str, Any]
+    ) -> dict[str, int]:
         """For each table: delete the rows matching `where`, insert `rows`; all in one transaction.
 
         Every inserted row must itself match `where` (so a rerun of the same slice replaces it).
@@ -234,7 +242,9 @@ class Store:
             data = to_arrow(decl, rows)
             for col, value in where.items():
                 if data.num_rows and not pc.all(pc.equal(data.column(col), value)).as_py():
-                    raise StoreError(f"{name}: rows outside the partition being written ({col} != {value!r})")
+                    raise StoreError(
+                        f"{name}: rows outside the partition being written ({col} != {value!r})"
+                    )
             prepared[name] = data
         written: dict[str, int] = {}
         with self.connect() as con:
@@ -317,7 +327,9 @@ class Store:
 
         rows = self.read("runs", {"run_id": run_id}, columns=["config_json"])
         if not rows.num_rows:
-            raise StoreError(f"{self.path}: no run {run_id!r}; registered runs: {self.run_ids() or 'none'}")
+            raise StoreError(
+                f"{self.path}: no run {run_id!r}; registered runs: {self.run_ids() or 'none'}"
+            )
         return config_from_json(rows.column("config_json")[0].as_py())
 
     def run_ids(self) -> list[str]:
@@ -338,16 +350,30 @@ class Store:
         prev_row = prev.to_pylist()[0] if prev.num_rows else None
         now = utcnow()
         if status == "running":
-            row = {**where, "status": status, "started_at": now, "finished_at": None, "error": None,
-                   "attempt": (prev_row["attempt"] + 1) if prev_row else 1}
+            row = {
+                **where,
+                "status": status,
+                "started_at": now,
+                "finished_at": None,
+                "error": None,
+                "attempt": (prev_row["attempt"] + 1) if prev_row else 1,
+            }
         else:
             started = prev_row["started_at"] if prev_row else now
-            row = {**where, "status": status, "started_at": started, "finished_at": now,
-                   "error": error, "attempt": prev_row["attempt"] if prev_row else 1}
+            row = {
+                **where,
+                "status": status,
+                "started_at": started,
+                "finished_at": now,
+                "error": error,
+                "attempt": prev_row["attempt"] if prev_row else 1,
+            }
         self.replace_rows({STAGES_TABLE.name: [row]}, where=where)
 
     def stage_status(self, run_id: str, iteration: int, stage: str) -> str | None:
-        rows = self.read(STAGES_TABLE.name, {"run_id": run_id, "iteration": iteration, "stage": stage})
+        rows = self.read(
+            STAGES_TABLE.name, {"run_id": run_id, "iteration": iteration, "stage": stage}
+        )
         return rows.column("status")[0].as_py() if rows.num_rows else None
 
 

@@ -31,15 +31,20 @@ from typing import Any
 import torch
 
 from kepo.curate import QuestionSet
-from kepo.models import build_sequence_batch, completion_logits, completion_mask_of, load_policy
 from kepo.losses import sft_loss
+from kepo.models import build_sequence_batch, completion_logits, completion_mask_of, load_policy
 from kepo.objectives import dataset_target_text
 from kepo.prompts import PromptItem, build_messages
 
 log = logging.getLogger(__name__)
 
 # Files of a model folder that save_pretrained rewrites; everything else is copied across.
-_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+)
 
 
 @dataclass(frozen=True)
@@ -90,25 +95,39 @@ def teacher_examples(rows: Sequence[dict], *, thinking: bool) -> list[SftExample
     examples = []
     for row in rows:
         item = _item(row)
-        examples.append(SftExample(row["question_id"], build_messages(item, "train", thinking=thinking),
-                                   dataset_target_text(row, thinking=thinking)))
+        examples.append(
+            SftExample(
+                row["question_id"],
+                build_messages(item, "train", thinking=thinking),
+                dataset_target_text(row, thinking=thinking),
+            )
+        )
         hint = (row.get("reference_hint") or "").strip()
         if hint:
-            examples.append(SftExample(row["question_id"], build_messages(item, "hint_request"),
-                                       f"<hint>{hint}</hint>"))
+            examples.append(
+                SftExample(
+                    row["question_id"], build_messages(item, "hint_request"), f"<hint>{hint}</hint>"
+                )
+            )
     return examples
 
 
-def student_examples(rows: Sequence[dict], *, thinking: bool, hint_version: str = "v1") -> list[SftExample]:
+def student_examples(
+    rows: Sequence[dict], *, thinking: bool, hint_version: str = "v1"
+) -> list[SftExample]:
     """Answer format (plain prompt) and hint-following (hint-aware prompt) on the given rows."""
     examples = []
     for row in rows:
         item = _item(row)
         target = dataset_target_text(row, thinking=thinking)
-        examples.append(SftExample(row["question_id"], build_messages(item, "train", thinking=thinking), target))
+        examples.append(
+            SftExample(row["question_id"], build_messages(item, "train", thinking=thinking), target)
+        )
         hint = (row.get("reference_hint") or "").strip()
         if hint:
-            messages = build_messages(item, "hint_aware", thinking=thinking, hint=hint, hint_version=hint_version)
+            messages = build_messages(
+                item, "hint_aware", thinking=thinking, hint=hint, hint_version=hint_version
+            )
             examples.append(SftExample(row["question_id"], messages, target))
     return examples
 
@@ -144,19 +163,33 @@ def supervised_finetune(
     model, processor = load_policy(model_dir)
     tokenizer = getattr(processor, "tokenizer", processor)
     eos = tokenizer.eos_token_id
-    answer_open, answer_close = (tokenizer.convert_tokens_to_ids(t) for t in ("<answer>", "</answer>"))
+    answer_open, answer_close = (
+        tokenizer.convert_tokens_to_ids(t) for t in ("<answer>", "</answer>")
+    )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, settings.steps) / settings.steps))
+        optimizer,
+        lambda s: (
+            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, settings.steps) / settings.steps))
+        ),
     )
     order: list[int] = []
     rng = random.Random(settings.seed)
-    target_ids = {e.target: (*tokenizer(e.target, add_special_tokens=False)["input_ids"], eos) for e in examples}
+    target_ids = {
+        e.target: (*tokenizer(e.target, add_special_tokens=False)["input_ids"], eos)
+        for e in examples
+    }
     losses: list[float] = []
     start = time.perf_counter()
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task(desc, total=settings.steps, loss=float("nan"))
         for _step in range(settings.steps):
@@ -174,8 +207,9 @@ def supervised_finetune(
             logits = completion_logits(model, batch)  # (B, Tc, V)
             mask = completion_mask_of(batch)  # (B, Tc)
             nll, _ = sft_loss(logits, batch["completion_ids"], mask)  # (B, Tc)
-            weights = mask * answer_token_weights(batch["completion_ids"], answer_open, answer_close,
-                                                  settings.answer_weight)
+            weights = mask * answer_token_weights(
+                batch["completion_ids"], answer_open, answer_close, settings.answer_weight
+            )
             loss = (nll * weights).sum() / weights.sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -188,20 +222,39 @@ def supervised_finetune(
             if (_step + 1) % 50 == 0:
                 log.info("%s: step %d/%d, loss %.3f", desc, _step + 1, settings.steps, recent)
     save_model(model, model_dir, out_dir)
-    report = WarmupReport(Path(out_dir), len(examples), settings.steps, losses[0],
-                          sum(losses[-10:]) / len(losses[-10:]), time.perf_counter() - start, losses)
-    log.info("%s: %d examples, %d steps, loss %.3f -> %.3f (%.0f s)", desc, report.n_examples,
-             report.steps, report.first_loss, report.last_loss, report.seconds)
+    report = WarmupReport(
+        Path(out_dir),
+        len(examples),
+        settings.steps,
+        losses[0],
+        sum(losses[-10:]) / len(losses[-10:]),
+        time.perf_counter() - start,
+        losses,
+    )
+    log.info(
+        "%s: %d examples, %d steps, loss %.3f -> %.3f (%.0f s)",
+        desc,
+        report.n_examples,
+        report.steps,
+        report.first_loss,
+        report.last_loss,
+        report.seconds,
+    )
     return report
 
 
-def answer_token_weights(ids: torch.Tensor, open_id: int, close_id: int, weight: float) -> torch.Tensor:
+def answer_token_weights(
+    ids: torch.Tensor, open_id: int, close_id: int, weight: float
+) -> torch.Tensor:
     """(B, T) weights: `weight` on tokens strictly between <answer> and </answer>, else 1."""
     opened = (ids == open_id).long().cumsum(dim=1)
     closed = (ids == close_id).long().cumsum(dim=1)
     inside = (opened > closed) & (ids != open_id)
-    return torch.where(inside, torch.full_like(ids, 0, dtype=torch.float32) + weight,
-                       torch.ones_like(ids, dtype=torch.float32))
+    return torch.where(
+        inside,
+        torch.full_like(ids, 0, dtype=torch.float32) + weight,
+        torch.ones_like(ids, dtype=torch.float32),
+    )
 
 
 def save_model(model: Any, source_dir: str | Path, out_dir: str | Path) -> None:
@@ -235,12 +288,19 @@ def warm_up_pair(
 ) -> tuple[WarmupReport, WarmupReport]:
     """Warm up the teacher on every modality and the student on the out-of-domain ones."""
     teacher = supervised_finetune(
-        base_teacher, teacher_examples(warmup_rows(questions), thinking=thinking), questions,
-        out_teacher, teacher_settings or WarmupSettings(), desc="warm-up teacher",
+        base_teacher,
+        teacher_examples(warmup_rows(questions), thinking=thinking),
+        questions,
+        out_teacher,
+        teacher_settings or WarmupSettings(),
+        desc="warm-up teacher",
     )
     student = supervised_finetune(
         base_student,
         student_examples(warmup_rows(questions, exclude_modalities=[in_domain]), thinking=thinking),
-        questions, out_student, student_settings or WarmupSettings(), desc="warm-up student",
+        questions,
+        out_student,
+        student_settings or WarmupSettings(),
+        desc="warm-up student",
     )
     return student, teacher

@@ -120,7 +120,9 @@ class Table:
 def _arrow_schema(table: Table) -> pa.Schema:
     return pa.schema(
         [
-            pa.field(c.name, c.arrow_type, nullable=c.nullable, metadata={"description": c.description})
+            pa.field(
+                c.name, c.arrow_type, nullable=c.nullable, metadata={"description": c.description}
+            )
             for c in table.columns
         ],
         metadata={"table": table.name, "description": table.description},
@@ -157,7 +159,9 @@ def run_partition_cols() -> tuple[Col, Col]:
     """The two partition columns shared by every per-iteration table."""
     return (
         Col("run_id", "string", "Run identifier (a run directory holds one or more runs)."),
-        Col("iteration", "int32", "Training iteration (policy version for evaluation tables).", ge=0),
+        Col(
+            "iteration", "int32", "Training iteration (policy version for evaluation tables).", ge=0
+        ),
     )
 
 

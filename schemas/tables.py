@@ -29,10 +29,19 @@ QUESTIONS = Table(
     storage="parquet",
     key=("question_id",),
     columns=(
-        Col("question_id", "string", "Unique question id (source id, prefixed by dataset when needed)."),
+        Col(
+            "question_id",
+            "string",
+            "Unique question id (source id, prefixed by dataset when needed).",
+        ),
         Col("dataset", "string", "Source dataset name (the QA JSON file stem)."),
         Col("modality", "string", "One of the paper's eight modality names.", isin=MODALITIES),
-        Col("question_type", "string", "One of the five OmniMedVQA question types.", isin=QUESTION_TYPES),
+        Col(
+            "question_type",
+            "string",
+            "One of the five OmniMedVQA question types.",
+            isin=QUESTION_TYPES,
+        ),
         Col("question", "string", "Question text."),
         Col("options", "list<string>", "Option texts in order A, B, ... (2 to 6)."),
         Col("gold_letter", "string", "Letter of the correct option.", isin=LETTERS),
@@ -41,12 +50,27 @@ QUESTIONS = Table(
         Col("image_sha256", "string", "sha256 of the image file bytes."),
         Col("image_width", "int32", "Image width in pixels (source file).", ge=1),
         Col("image_height", "int32", "Image height in pixels (source file).", ge=1),
-        Col("image_bytes", "binary", "Resized image (PNG) when curated with --embed-images.", nullable=True),
-        Col("image_source", "string", "'real' (a real medical image) or 'synthetic'.", isin=("real", "synthetic")),
+        Col(
+            "image_bytes",
+            "binary",
+            "Resized image (PNG) when curated with --embed-images.",
+            nullable=True,
+        ),
+        Col(
+            "image_source",
+            "string",
+            "'real' (a real medical image) or 'synthetic'.",
+            isin=("real", "synthetic"),
+        ),
         Col("split", "string", "'train' or 'test'.", isin=("train", "test")),
         Col("rationale", "string", "Reference rationale (bundled data only).", nullable=True),
         Col("reference_hint", "string", "Reference hint (bundled data only).", nullable=True),
-        Col("difficulty", "string", "Difficulty preset the item was generated with (bundled data only).", nullable=True),
+        Col(
+            "difficulty",
+            "string",
+            "Difficulty preset the item was generated with (bundled data only).",
+            nullable=True,
+        ),
         Col("source_file", "string", "QA JSON file the record came from, relative to the root."),
     ),
 )
@@ -79,7 +103,12 @@ RUNS = Table(
         Col("updated_at", "timestamp", "When the config was last (re)written (UTC)."),
         Col("algorithm", "string", "Training algorithm (grpo, rloo, kepo, gkd, sft)."),
         Col("method_label", "string", "Human-readable method name for tables and plots."),
-        Col("in_domain_modality", "string", "Modality trained on (in-domain for evaluation).", isin=MODALITIES),
+        Col(
+            "in_domain_modality",
+            "string",
+            "Modality trained on (in-domain for evaluation).",
+            isin=MODALITIES,
+        ),
         Col("config_json", "string", "The resolved run configuration as JSON."),
         Col("config_sha256", "string", "sha256 of config_json."),
         Col("kepo_version", "string", "kepo package version that wrote the run."),
@@ -95,10 +124,20 @@ STAGES_TABLE = Table(
         RUN_ID,
         ITERATION,
         Col("stage", "string", "Stage name.", isin=STAGES),
-        Col("status", "string", "running / succeeded / failed.", isin=("running", "succeeded", "failed")),
+        Col(
+            "status",
+            "string",
+            "running / succeeded / failed.",
+            isin=("running", "succeeded", "failed"),
+        ),
         Col("started_at", "timestamp", "Start time (UTC)."),
         Col("finished_at", "timestamp", "End time (UTC).", nullable=True),
-        Col("error", "string", "Exception type, message and the last frames when failed.", nullable=True),
+        Col(
+            "error",
+            "string",
+            "Exception type, message and the last frames when failed.",
+            nullable=True,
+        ),
         Col("attempt", "int32", "How many times this stage has been started.", ge=1),
     ),
 )
@@ -119,13 +158,28 @@ PROMPTS = Table(
         Col("question_type", "string", "Question type of the item.", isin=QUESTION_TYPES),
         Col("gold_letter", "string", "Correct option letter.", isin=LETTERS),
         Col("training_prompt", "string", "The plain prompt x the student is trained under."),
-        Col("sampling_seed", "int64", "Seed derived from (run, iteration, prompt) for this prompt's sampling."),
+        Col(
+            "sampling_seed",
+            "int64",
+            "Seed derived from (run, iteration, prompt) for this prompt's sampling.",
+        ),
         Col("n_policy_correct", "int32", "On-policy samples with accuracy reward 1.", ge=0),
-        Col("max_trigger_reward", "float64", "Max over the G policy samples of the trigger reward part."),
+        Col(
+            "max_trigger_reward",
+            "float64",
+            "Max over the G policy samples of the trigger reward part.",
+        ),
         Col("triggered", "bool", "Knowledge-enhanced exploration ran for this prompt."),
-        Col("trigger_reason", "string", "Why it triggered or not (e.g. all_zero_total, batch_scope, not_all_zero, exploration_off).", nullable=False),
+        Col(
+            "trigger_reason",
+            "string",
+            "Why it triggered or not (e.g. all_zero_total, batch_scope, not_all_zero, exploration_off).",
+            nullable=False,
+        ),
         Col("n_attempts", "int32", "Hint-aware attempts made (each of K samples).", ge=0),
-        Col("n_injected", "int32", "Accepted hint-aware trajectories injected into the group.", ge=0),
+        Col(
+            "n_injected", "int32", "Accepted hint-aware trajectories injected into the group.", ge=0
+        ),
     ),
 )
 
@@ -146,18 +200,57 @@ ROLLOUTS = Table(
         RUN_ID,
         ITERATION,
         PROMPT_ID,
-        Col("sample_idx", "int32", "Row index within the prompt: 0..G-1 policy samples, G.. injected.", ge=0),
-        Col("slot", "int32", "Group slot 0..G-1 the row occupies (an injected row takes a replaced row's slot).", ge=0),
-        Col("source", "string", "'policy' (sampled under x) or 'hint' (hint-aware, injected).", isin=("policy", "hint")),
+        Col(
+            "sample_idx",
+            "int32",
+            "Row index within the prompt: 0..G-1 policy samples, G.. injected.",
+            ge=0,
+        ),
+        Col(
+            "slot",
+            "int32",
+            "Group slot 0..G-1 the row occupies (an injected row takes a replaced row's slot).",
+            ge=0,
+        ),
+        Col(
+            "source",
+            "string",
+            "'policy' (sampled under x) or 'hint' (hint-aware, injected).",
+            isin=("policy", "hint"),
+        ),
         Col("trained", "bool", "Whether the training step uses this row (exactly G per prompt)."),
-        Col("replaced_by", "int32", "sample_idx of the injected row that replaced this one.", nullable=True),
-        Col("attempt_id", "string", "hint_attempts.attempt_id this row came from (source 'hint').", nullable=True),
+        Col(
+            "replaced_by",
+            "int32",
+            "sample_idx of the injected row that replaced this one.",
+            nullable=True,
+        ),
+        Col(
+            "attempt_id",
+            "string",
+            "hint_attempts.attempt_id this row came from (source 'hint').",
+            nullable=True,
+        ),
         Col("generation_prompt", "string", "Prompt text the completion was sampled under."),
         Col("completion_text", "string", "Decoded completion."),
         Col("completion_ids", "list<int32>", "Completion token ids (EOS included when generated)."),
-        Col("sampled_logprobs", "list<float64>", "Log-probs of the sampled tokens at generation time, under generation_prompt."),
-        Col("old_logprobs", "list<float64>", "Old-policy log-probs under the plain prompt (trained rows).", nullable=True),
-        Col("ref_logprobs", "list<float64>", "Reference-policy log-probs under the plain prompt (when the KL weight > 0).", nullable=True),
+        Col(
+            "sampled_logprobs",
+            "list<float64>",
+            "Log-probs of the sampled tokens at generation time, under generation_prompt.",
+        ),
+        Col(
+            "old_logprobs",
+            "list<float64>",
+            "Old-policy log-probs under the plain prompt (trained rows).",
+            nullable=True,
+        ),
+        Col(
+            "ref_logprobs",
+            "list<float64>",
+            "Reference-policy log-probs under the plain prompt (when the KL weight > 0).",
+            nullable=True,
+        ),
         *_REWARD_COLS,
         Col("advantage", "float64", "Group advantage (trained rows).", nullable=True),
         Col("gate_open", "bool", "Quality gate: distillation applies to this row."),
@@ -180,10 +273,20 @@ HINTS = Table(
         Col("teacher", "string", "Teacher model (folder name or id)."),
         Col("hint_prompt", "string", "Prompt the teacher was given (includes the answer)."),
         Col("raw_output", "string", "Teacher's raw output."),
-        Col("hint_text", "string", "Hint used in hint-aware prompts (NULL when none could be used).", nullable=True),
+        Col(
+            "hint_text",
+            "string",
+            "Hint used in hint-aware prompts (NULL when none could be used).",
+            nullable=True,
+        ),
         Col("parse_ok", "bool", "Output had exactly one non-empty <hint>...</hint>."),
         Col("parse_reason", "string", "Why parsing failed, if it did.", nullable=True),
-        Col("malformed_rule", "string", "Rule applied to a malformed hint (see config rollout.malformed_hint).", nullable=True),
+        Col(
+            "malformed_rule",
+            "string",
+            "Rule applied to a malformed hint (see config rollout.malformed_hint).",
+            nullable=True,
+        ),
     ),
 )
 
@@ -202,10 +305,22 @@ HINT_ATTEMPTS = Table(
         Col("generation_prompt", "string", "Hint-aware prompt the sample was drawn under."),
         Col("completion_text", "string", "Decoded completion."),
         Col("completion_ids", "list<int32>", "Completion token ids."),
-        Col("sampled_logprobs", "list<float64>", "Log-probs under the hint-aware prompt at generation time."),
+        Col(
+            "sampled_logprobs",
+            "list<float64>",
+            "Log-probs under the hint-aware prompt at generation time.",
+        ),
         *_REWARD_COLS,
-        Col("accepted", "bool", "Passed acceptance (accuracy reward 1, and not rejected for leakage)."),
-        Col("attempt_accepted", "bool", "The sample's attempt met the accept rule (any/all of its K samples accepted)."),
+        Col(
+            "accepted",
+            "bool",
+            "Passed acceptance (accuracy reward 1, and not rejected for leakage).",
+        ),
+        Col(
+            "attempt_accepted",
+            "bool",
+            "The sample's attempt met the accept rule (any/all of its K samples accepted).",
+        ),
         Col("injected", "bool", "Injected into the trained group."),
         Col("leak_flag", "bool", "Mentions the hint or the given answer."),
         Col("finish_reason", "string", "'stop' or 'length'.", isin=("stop", "length")),
@@ -224,7 +339,11 @@ TEACHER_TOPK = Table(
         Col("sample_idx", "int32", "rollouts.sample_idx of the scored row.", ge=0),
         Col("teacher", "string", "Teacher model."),
         Col("k", "int32", "Support size per token.", ge=1),
-        Col("topk_ids", "list<list<int32>>", "Per completion token: the teacher's k most likely ids."),
+        Col(
+            "topk_ids",
+            "list<list<int32>>",
+            "Per completion token: the teacher's k most likely ids.",
+        ),
         Col("topk_logprobs", "list<list<float64>>", "Per completion token: their log-probs."),
     ),
 )
@@ -243,12 +362,23 @@ TRAIN_STEPS = Table(
         Col("pass_idx", "int32", "Pass over the iteration's rollouts.", ge=0),
         Col("loss_total", "float64", "Total loss.", nullable=True),
         Col("loss_pg", "float64", "Policy-gradient term.", nullable=True),
-        Col("loss_distill", "float64", "Gated distillation term (or GKD divergence).", nullable=True),
+        Col(
+            "loss_distill", "float64", "Gated distillation term (or GKD divergence).", nullable=True
+        ),
         Col("loss_kl", "float64", "Reference KL term (k3).", nullable=True),
         Col("loss_sft", "float64", "SFT cross-entropy.", nullable=True),
-        Col("clipfrac", "float64", "Fraction of tokens where the ratio was clipped.", nullable=True),
-        Col("approx_kl", "float64", "Mean (old - new) log-prob, a policy-drift diagnostic.", nullable=True),
-        Col("gate_frac_open", "float64", "Fraction of sequences whose gate is open.", nullable=True),
+        Col(
+            "clipfrac", "float64", "Fraction of tokens where the ratio was clipped.", nullable=True
+        ),
+        Col(
+            "approx_kl",
+            "float64",
+            "Mean (old - new) log-prob, a policy-drift diagnostic.",
+            nullable=True,
+        ),
+        Col(
+            "gate_frac_open", "float64", "Fraction of sequences whose gate is open.", nullable=True
+        ),
         Col("grad_norm", "float64", "Gradient norm before clipping.", nullable=True),
         Col("lr", "float64", "Learning rate used."),
         Col("n_sequences", "int32", "Sequences in the step (all processes).", ge=0),
@@ -267,7 +397,9 @@ CHECKPOINTS = Table(
     columns=(
         RUN_ID,
         ITERATION,
-        Col("path", "string", "Hugging Face model folder (relative to the workdir when inside it)."),
+        Col(
+            "path", "string", "Hugging Face model folder (relative to the workdir when inside it)."
+        ),
         Col("optimizer_path", "string", "Optimizer/scheduler state file.", nullable=True),
         Col("created_at", "timestamp", "When it was written (UTC)."),
         Col("n_params", "int64", "Trainable parameters.", ge=0),
@@ -340,4 +472,6 @@ def get_table(name: str) -> Table:
     try:
         return ALL_TABLES[name]
     except KeyError:
-        raise KeyError(f"unknown table {name!r}; declared tables: {', '.join(ALL_TABLES)}") from None
+        raise KeyError(
+            f"unknown table {name!r}; declared tables: {', '.join(ALL_TABLES)}"
+        ) from None

@@ -27,7 +27,11 @@ def test_invalid_value_names_the_field_and_fix(tmp_path: Path) -> None:
         load_config(path)
     msg = str(err.value)
     assert "\n" not in msg
-    assert "rollout.group_size" in msg and "greater than or equal to 2" in msg and "fix the value" in msg
+    assert (
+        "rollout.group_size" in msg
+        and "greater than or equal to 2" in msg
+        and "fix the value" in msg
+    )
 
 
 def test_unknown_field_and_cross_field_errors(tmp_path: Path) -> None:
@@ -44,7 +48,11 @@ def test_unknown_field_and_cross_field_errors(tmp_path: Path) -> None:
 
 
 def test_base_include_and_overrides(tmp_path: Path) -> None:
-    (tmp_path / "base.yaml").write_text("seed: 3\nrollout:\n  group_size: 4\n  budget_unused: null\n".replace("  budget_unused: null\n", ""))
+    (tmp_path / "base.yaml").write_text(
+        "seed: 3\nrollout:\n  group_size: 4\n  budget_unused: null\n".replace(
+            "  budget_unused: null\n", ""
+        )
+    )
     (tmp_path / "child.yaml").write_text("base: base.yaml\nrollout:\n  prompts_per_iteration: 2\n")
     cfg = load_config(tmp_path / "child.yaml", overrides={"train.learning_rate": 1e-3})
     assert (cfg.seed, cfg.rollout.group_size, cfg.rollout.prompts_per_iteration) == (3, 4, 2)

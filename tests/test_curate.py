@@ -348,7 +348,9 @@ def test_train_and_test_share_no_question_and_no_image(tmp_path: Path) -> None:
         pool_ids = set(qs.pool.column("question_id").to_pylist())
         pool_sha = set(qs.pool.column("image_sha256").to_pylist())
         assert not pool_ids & test_ids and not pool_sha & test_sha and train_ids <= pool_ids
-        assert len(pool_ids) == sum(m["train_part"] for m in qs.manifest["counts"]["per_modality"].values())
+        assert len(pool_ids) == sum(
+            m["train_part"] for m in qs.manifest["counts"]["per_modality"].values()
+        )
     assert any(shared_in_train)  # some split put the shared image in train: the check bit
 
 

@@ -53,15 +53,28 @@ def write_config(
             "out_dir": str(curated),
             "train_size": 12,
             "test_per_modality": 2,
-            "bundled": {"synthetic_per_modality": 10, "real_variants_per_image": 1, "image_size": 32},
+            "bundled": {
+                "synthetic_per_modality": 10,
+                "real_variants_per_image": 1,
+                "image_size": 32,
+            },
         },
-        "models": {"student": str(student), "teacher": str(teacher), "device": "cpu", "torch_threads": 1},
+        "models": {
+            "student": str(student),
+            "teacher": str(teacher),
+            "device": "cpu",
+            "torch_threads": 1,
+        },
         "rollout": {
             "prompts_per_iteration": 4,
             "group_size": 2,
             "sampling": {"max_new_tokens": 8},
-            "exploration": {"enabled": True, "budget": 1, "inject_k": 1,
-                            "hint_sampling": {"temperature": 0.0, "max_new_tokens": 8}},
+            "exploration": {
+                "enabled": True,
+                "budget": 1,
+                "inject_k": 1,
+                "hint_sampling": {"temperature": 0.0, "max_new_tokens": 8},
+            },
         },
         "algorithm": {"name": "kepo"},
         "train": {"learning_rate": 1e-3, "micro_batch_size": 4, "grad_accum_steps": 2},
@@ -93,25 +106,40 @@ def stage_rows(store: Store) -> dict[tuple[int, str], dict]:
 
 
 @pytest.mark.slow
-def test_run_flow_records_every_stage(tmp_path, tiny_models, curated_bundled, prefect_harness) -> None:
+def test_run_flow_records_every_stage(
+    tmp_path, tiny_models, curated_bundled, prefect_harness
+) -> None:
     from flows.iteration import kepo_run
 
     config = write_config(tmp_path, curated_bundled, tiny_models)
     db = kepo_run(str(config))
     store = Store(db)
     stages = stage_rows(store)
-    expected = {(0, "curate"), (0, "evaluate"), (0, "rollout"), (0, "train"), (1, "evaluate"),
-                (1, "rollout"), (1, "train"), (2, "evaluate")}
+    expected = {
+        (0, "curate"),
+        (0, "evaluate"),
+        (0, "rollout"),
+        (0, "train"),
+        (1, "evaluate"),
+        (1, "rollout"),
+        (1, "train"),
+        (2, "evaluate"),
+    }
     assert set(stages) == expected
     assert all(r["status"] == "succeeded" and r["attempt"] == 1 for r in stages.values())
-    assert store.query("SELECT count(DISTINCT iteration) AS n FROM checkpoints").to_pylist()[0]["n"] == 2
+    assert (
+        store.query("SELECT count(DISTINCT iteration) AS n FROM checkpoints").to_pylist()[0]["n"]
+        == 2
+    )
     assert_no_duplicates(store)
     # A second call finds everything done and runs nothing.
     kepo_run(str(config))
     assert all(r["attempt"] == 1 for r in stage_rows(store).values())
 
 
-def test_failed_stage_is_recorded_and_the_flow_fails(tmp_path, tiny_models, curated_bundled, prefect_harness) -> None:
+def test_failed_stage_is_recorded_and_the_flow_fails(
+    tmp_path, tiny_models, curated_bundled, prefect_harness
+) -> None:
     from flows.iteration import kepo_iteration
     from kepo.config import load_config
 
@@ -126,24 +154,34 @@ def test_failed_stage_is_recorded_and_the_flow_fails(tmp_path, tiny_models, cura
 
 
 @pytest.mark.slow
-def test_sharded_rollout_equals_unsharded(tmp_path, tiny_models, curated_bundled, prefect_harness) -> None:
+def test_sharded_rollout_equals_unsharded(
+    tmp_path, tiny_models, curated_bundled, prefect_harness
+) -> None:
     from flows.iteration import kepo_iteration
     from kepo.config import load_config
 
-    columns = ("prompt_id, sample_idx, slot, source, trained, completion_ids, sampled_logprobs, "
-               "old_logprobs, reward_total, advantage, gate_open")
+    columns = (
+        "prompt_id, sample_idx, slot, source, trained, completion_ids, sampled_logprobs, "
+        "old_logprobs, reward_total, advantage, gate_open"
+    )
     rows = {}
     for shards in (1, 2):
-        config = write_config(tmp_path / f"s{shards}", curated_bundled, tiny_models,
-                              **{"rollout.shards": shards, "eval.every": 5})
+        config = write_config(
+            tmp_path / f"s{shards}",
+            curated_bundled,
+            tiny_models,
+            **{"rollout.shards": shards, "eval.every": 5},
+        )
         run = Run.create(load_config(config))
         state = kepo_iteration(run.run_id, 0, workdir=str(run.workdir), return_state=True)
         assert state.is_completed(), state
         rows[shards] = run.store.query(
-            f"SELECT {columns} FROM rollouts ORDER BY prompt_id, sample_idx").to_pylist()
+            f"SELECT {columns} FROM rollouts ORDER BY prompt_id, sample_idx"
+        ).to_pylist()
         for table in ("prompts", "hints", "hint_attempts"):
             rows[(shards, table)] = run.store.query(
-                f"SELECT * EXCLUDE (run_id) FROM {table} ORDER BY ALL").to_pylist()
+                f"SELECT * EXCLUDE (run_id) FROM {table} ORDER BY ALL"
+            ).to_pylist()
     assert rows[1] and len(rows[1]) == len(rows[2])
     for a, b in zip(rows[1], rows[2], strict=True):
         assert a.keys() == b.keys()
@@ -171,8 +209,14 @@ def test_killed_during_training_resumes_at_training(tmp_path, tiny_models, curat
     config = write_config(tmp_path, curated_bundled, tiny_models, **{"train.passes": 4})
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
     # Own process group: the flow starts a temporary Prefect API as a child, which must die too.
-    proc = subprocess.Popen([sys.executable, "-c", _RESUME_SCRIPT, str(config)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RESUME_SCRIPT, str(config)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     db = tmp_path / "work" / "kepo.duckdb"
     deadline = time.monotonic() + 600
     killed = False
@@ -196,18 +240,34 @@ def test_killed_during_training_resumes_at_training(tmp_path, tiny_models, curat
     assert killed, "the flow finished or stalled before iteration 1's training started"
     store = Store(db)
     before = stage_rows(store)
-    assert before[(1, "train")]["status"] == "running" and before[(1, "rollout")]["status"] == "succeeded"
-    rollout_rows = store.query("SELECT completion_ids FROM rollouts WHERE iteration = 1 ORDER BY ALL").to_pylist()
+    assert (
+        before[(1, "train")]["status"] == "running"
+        and before[(1, "rollout")]["status"] == "succeeded"
+    )
+    rollout_rows = store.query(
+        "SELECT completion_ids FROM rollouts WHERE iteration = 1 ORDER BY ALL"
+    ).to_pylist()
 
-    subprocess.run([sys.executable, "-c", _RESUME_SCRIPT, str(config)], cwd=REPO, env=env, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-c", _RESUME_SCRIPT, str(config)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     after = stage_rows(store)
     assert after[(1, "rollout")]["attempt"] == 1  # the rollout was not redone ...
     assert after[(1, "train")]["attempt"] == 2 and after[(1, "train")]["status"] == "succeeded"
     assert all(r["status"] == "succeeded" for r in after.values())
     assert (2, "evaluate") in after
     # ... and its rows are the very same ones
-    assert store.query("SELECT completion_ids FROM rollouts WHERE iteration = 1 ORDER BY ALL").to_pylist() == rollout_rows
+    assert (
+        store.query(
+            "SELECT completion_ids FROM rollouts WHERE iteration = 1 ORDER BY ALL"
+        ).to_pylist()
+        == rollout_rows
+    )
     assert_no_duplicates(store)
 
 
@@ -238,15 +298,24 @@ def test_deployment_runs_iterations(tmp_path, tiny_models, curated_bundled) -> N
     logs.mkdir()
     prefect = str(Path(sys.executable).with_name("prefect"))
     # Own process groups: `prefect server start` runs uvicorn as a child that must go too.
-    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=(logs / "server.log").open("w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=(logs / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     serve = None
     try:
         _wait_healthy(port, server, logs / "server.log")
-        serve = subprocess.Popen([sys.executable, "-m", "flows.serve", "--workdir", str(run.workdir)],
-                                 cwd=REPO, env=env, stdout=(logs / "serve.log").open("w"),
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.serve", "--workdir", str(run.workdir)],
+            cwd=REPO,
+            env=env,
+            stdout=(logs / "serve.log").open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         trigger = (
             "import sys\n"
             "from prefect.deployments import run_deployment\n"
@@ -265,7 +334,11 @@ def test_deployment_runs_iterations(tmp_path, tiny_models, curated_bundled) -> N
     for iteration in (0, 1):
         assert stages[(iteration, "rollout")]["status"] == "succeeded"
         assert stages[(iteration, "train")]["status"] == "succeeded"
-    versions = run.store.query("SELECT iteration FROM checkpoints ORDER BY 1").column("iteration").to_pylist()
+    versions = (
+        run.store.query("SELECT iteration FROM checkpoints ORDER BY 1")
+        .column("iteration")
+        .to_pylist()
+    )
     assert versions == [1, 2]
     counts = run.store.query(
         "SELECT iteration, count(*) FILTER (WHERE trained) AS trained FROM rollouts GROUP BY 1 ORDER BY 1"
@@ -304,14 +377,28 @@ def _wait_healthy(port: int, server: subprocess.Popen, log: Path, timeout: float
     raise AssertionError(f"prefect server not healthy after {timeout} s: {log.read_text()[-2000:]}")
 
 
-def _trigger_when_registered(trigger: str, run_id: str, iteration: int, env: dict, serve, logs: Path) -> str:
+def _trigger_when_registered(
+    trigger: str, run_id: str, iteration: int, env: dict, serve, logs: Path
+) -> str:
     """Trigger the deployment, retrying while `flows.serve` has not registered it yet."""
     deadline = time.monotonic() + 180
     while True:
-        result = subprocess.run([sys.executable, "-c", trigger, run_id, str(iteration)], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=900)
+        result = subprocess.run(
+            [sys.executable, "-c", trigger, run_id, str(iteration)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if result.returncode == 0:
             return result.stdout
-        if serve.poll() is not None or time.monotonic() > deadline or "ObjectNotFound" not in result.stderr:
-            raise AssertionError(f"trigger failed: {result.stderr[-3000:]}\nserve log: {(logs / 'serve.log').read_text()[-3000:]}")
+        if (
+            serve.poll() is not None
+            or time.monotonic() > deadline
+            or "ObjectNotFound" not in result.stderr
+        ):
+            raise AssertionError(
+                f"trigger failed: {result.stderr[-3000:]}\nserve log: {(logs / 'serve.log').read_text()[-3000:]}"
+            )
         time.sleep(2)

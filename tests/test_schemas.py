@@ -19,7 +19,9 @@ def test_duckdb_arrow_pandera_agree(name: str) -> None:
     table = ALL_TABLES[name]
     con = duckdb.connect()
     con.execute(table.duckdb_ddl())
-    described = con.sql(f"DESCRIBE {table.name}").fetchall()  # (name, type, null, key, default, extra)
+    described = con.sql(
+        f"DESCRIBE {table.name}"
+    ).fetchall()  # (name, type, null, key, default, extra)
     arrow = table.arrow_schema()
     pandera = table.pandera_schema()
     narwhals_schema = nw.from_native(arrow.empty_table()).schema

@@ -17,8 +17,17 @@ from kepo.store import Store, StoreError, StoreLockedError, ValidationFailed, ch
 
 def _metric_rows(run_id: str, iteration: int, accuracy: float) -> list[dict]:
     return [
-        {"run_id": run_id, "iteration": iteration, "modality": m, "in_domain": m == "MRI", "n": 10,
-         "n_correct": round(accuracy * 10), "accuracy": accuracy, "ci_low": 0.0, "ci_high": 1.0}
+        {
+            "run_id": run_id,
+            "iteration": iteration,
+            "modality": m,
+            "in_domain": m == "MRI",
+            "n": 10,
+            "n_correct": round(accuracy * 10),
+            "accuracy": accuracy,
+            "ci_low": 0.0,
+            "ci_high": 1.0,
+        }
         for m in ("MRI", "CT")
     ]
 
@@ -28,7 +37,9 @@ def test_writing_a_partition_twice_keeps_one_copy(tmp_path: Path) -> None:
     store.overwrite_partition("eval_metrics", _metric_rows("r", 0, 0.5), "r", 0)
     store.overwrite_partition("eval_metrics", _metric_rows("r", 0, 0.7), "r", 0)
     store.overwrite_partition("eval_metrics", _metric_rows("r", 1, 0.9), "r", 1)
-    rows = store.query("SELECT iteration, modality, accuracy FROM eval_metrics ORDER BY 1, 2").to_pylist()
+    rows = store.query(
+        "SELECT iteration, modality, accuracy FROM eval_metrics ORDER BY 1, 2"
+    ).to_pylist()
     assert rows == [
         {"iteration": 0, "modality": "CT", "accuracy": 0.7},
         {"iteration": 0, "modality": "MRI", "accuracy": 0.7},
@@ -47,11 +58,15 @@ def test_invalid_rows_name_the_record_and_column(tmp_path: Path) -> None:
     store = Store(tmp_path / "kepo.duckdb")
     rows = _metric_rows("r", 0, 0.5)
     rows[1]["modality"] = "PET"
-    with pytest.raises(ValidationFailed, match=r"record 1 .*modality='PET'.*column modality = 'PET' must be one of"):
+    with pytest.raises(
+        ValidationFailed, match=r"record 1 .*modality='PET'.*column modality = 'PET' must be one of"
+    ):
         store.overwrite_partition("eval_metrics", rows, "r", 0)
     rows = _metric_rows("r", 0, 0.5)
     rows[0]["accuracy"] = 1.5
-    with pytest.raises(ValidationFailed, match=r"column accuracy = 1.5 must be a value in \[0, 1\]"):
+    with pytest.raises(
+        ValidationFailed, match=r"column accuracy = 1.5 must be a value in \[0, 1\]"
+    ):
         store.overwrite_partition("eval_metrics", rows, "r", 0)
     rows = _metric_rows("r", 0, 0.5)
     del rows[0]["n"]
@@ -84,25 +99,35 @@ _WRITER = textwrap.dedent(
 def test_sigkill_during_overwrite_leaves_old_or_new_partition(tmp_path: Path) -> None:
     db = tmp_path / "kepo.duckdb"
     n = 120_000
-    subprocess.run([sys.executable, "-c", _WRITER, str(db), "1.0", str(n)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", _WRITER, str(db), "1.0", str(n)], check=True, capture_output=True
+    )
     outcomes = set()
     for attempt, delay in enumerate((0.3, 1.0, 2.5, 6.0)):
         new_value = 2.0 + attempt
         proc = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(db), str(new_value), str(n)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", _WRITER, str(db), str(new_value), str(n)],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        rows = Store(db).query(
-            "SELECT count(*) AS n, min(loss_total) AS lo, max(loss_total) AS hi FROM train_steps"
-        ).to_pylist()[0]
+        rows = (
+            Store(db)
+            .query(
+                "SELECT count(*) AS n, min(loss_total) AS lo, max(loss_total) AS hi FROM train_steps"
+            )
+            .to_pylist()[0]
+        )
         assert rows["n"] == n, rows  # never a half-deleted or half-inserted partition
         assert rows["lo"] == rows["hi"], rows  # never a mix of old and new
         outcomes.add("new" if rows["lo"] == new_value else "old")
         # the next overwrite starts from a clean state
-        subprocess.run([sys.executable, "-c", _WRITER, str(db), "1.0", str(n)], check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-c", _WRITER, str(db), "1.0", str(n)], check=True, capture_output=True
+        )
     assert "old" in outcomes  # at least one kill landed mid-transaction
 
 
@@ -120,7 +145,9 @@ _HOLDER = textwrap.dedent(
 def test_second_process_gets_a_clear_lock_error_within_the_wait(tmp_path: Path) -> None:
     db = tmp_path / "kepo.duckdb"
     Store(db).initialize()
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(db), "20"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(db), "20"], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
         store = Store(db, lock_timeout_s=1.5)
@@ -138,18 +165,29 @@ def test_second_process_gets_a_clear_lock_error_within_the_wait(tmp_path: Path) 
 def test_lock_released_in_time_is_waited_for(tmp_path: Path) -> None:
     db = tmp_path / "kepo.duckdb"
     Store(db).initialize()
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(db), "1.0"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(db), "1.0"], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
-        assert Store(db, lock_timeout_s=15).query("SELECT count(*) AS n FROM runs").to_pylist() == [{"n": 0}]
+        assert Store(db, lock_timeout_s=15).query("SELECT count(*) AS n FROM runs").to_pylist() == [
+            {"n": 0}
+        ]
     finally:
         holder.wait()
 
 
 @pytest.mark.parametrize(
     "sql",
-    ["DELETE FROM runs", "DROP TABLE runs", "INSERT INTO runs VALUES (1)", "COPY runs TO 'x.csv'",
-     "ATTACH 'other.db'", "SELECT 1; DROP TABLE runs", "CREATE TABLE t (a INT)"],
+    [
+        "DELETE FROM runs",
+        "DROP TABLE runs",
+        "INSERT INTO runs VALUES (1)",
+        "COPY runs TO 'x.csv'",
+        "ATTACH 'other.db'",
+        "SELECT 1; DROP TABLE runs",
+        "CREATE TABLE t (a INT)",
+    ],
 )
 def test_read_only_guard_refuses_writes(sql: str) -> None:
     with pytest.raises(StoreError, match=r"read-only|one statement"):
@@ -157,7 +195,13 @@ def test_read_only_guard_refuses_writes(sql: str) -> None:
 
 
 def test_read_only_guard_allows_reads() -> None:
-    for sql in ("SELECT 1", "DESCRIBE runs", "SUMMARIZE runs", "EXPLAIN SELECT 1", "WITH a AS (SELECT 1) SELECT * FROM a"):
+    for sql in (
+        "SELECT 1",
+        "DESCRIBE runs",
+        "SUMMARIZE runs",
+        "EXPLAIN SELECT 1",
+        "WITH a AS (SELECT 1) SELECT * FROM a",
+    ):
         check_read_only(sql)
 
 

@@ -13,10 +13,18 @@ from kepo.commands.sql import print_table
 
 
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Run directory (data, models, kepo.duckdb, report.html).")] = Path("work/demo"),
-    iterations: Annotated[int | None, typer.Option(help="Training iterations per run (default: the demo config's).")] = None,
-    student_warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny student.")] = 300,
-    teacher_warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny teacher.")] = 300,
+    workdir: Annotated[
+        Path, typer.Option(help="Run directory (data, models, kepo.duckdb, report.html).")
+    ] = Path("work/demo"),
+    iterations: Annotated[
+        int | None, typer.Option(help="Training iterations per run (default: the demo config's).")
+    ] = None,
+    student_warmup_steps: Annotated[
+        int, typer.Option(help="Warm-up steps of the tiny student.")
+    ] = 300,
+    teacher_warmup_steps: Annotated[
+        int, typer.Option(help="Warm-up steps of the tiny teacher.")
+    ] = 300,
 ) -> None:
     """Curate MiniMedVQA, warm up tiny models, run KEPO and GRPO, evaluate, write the report."""
     console = Console()
@@ -44,9 +52,13 @@ def demo(
     elapsed = time.perf_counter() - start
     console.rule("[bold]Done")
     console.print(f"database: [bold]{result['db']}[/bold]")
-    console.print(f"report:   [bold]{result['report']}[/bold] (open it in a browser; works offline)")
+    console.print(
+        f"report:   [bold]{result['report']}[/bold] (open it in a browser; works offline)"
+    )
     console.print("try:")
     for title, sql in EXAMPLE_QUERIES:
-        console.print(f"  # {title}\n  .venv/bin/kepo sql --db {result['db']} \"{sql}\"", soft_wrap=True)
+        console.print(
+            f'  # {title}\n  .venv/bin/kepo sql --db {result["db"]} "{sql}"', soft_wrap=True
+        )
     console.print(f"  .venv/bin/kepo audit --db {result['db']} --run demo-kepo --iteration 0")
     console.print(f"[bold]total time: {elapsed / 60:.1f} min ({elapsed:.0f} s)[/bold]")

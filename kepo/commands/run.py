@@ -21,15 +21,24 @@ def parse_overrides(items: list[str] | None) -> dict:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"--set {item!r}: use key.path=value, e.g. rollout.group_size=4")
+            raise typer.BadParameter(
+                f"--set {item!r}: use key.path=value, e.g. rollout.group_size=4"
+            )
         overrides[key.strip()] = yaml.safe_load(value)
     return overrides
 
 
 def run(
-    config: Annotated[Path, typer.Argument(help="Run config (YAML), e.g. configs/tiny/kepo-tau1.yaml.")],
-    iterations: Annotated[int | None, typer.Option(help="Iterations to run (default: the config's).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a setting: key.path=value (repeatable).")] = None,
+    config: Annotated[
+        Path, typer.Argument(help="Run config (YAML), e.g. configs/tiny/kepo-tau1.yaml.")
+    ],
+    iterations: Annotated[
+        int | None, typer.Option(help="Iterations to run (default: the config's).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a setting: key.path=value (repeatable)."),
+    ] = None,
 ) -> None:
     """Run (or resume) a whole run as the Prefect flow `kepo-run`: curation, then iterations."""
     console = Console(stderr=True)
@@ -61,7 +70,9 @@ def rollout(
 
 @config_app.command("show")
 def show(
-    config: Annotated[Path | None, typer.Argument(help="A config to resolve; omit to list every setting.")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="A config to resolve; omit to list every setting.")
+    ] = None,
 ) -> None:
     """Print every setting with its default and description, or a config fully resolved."""
     console = Console()

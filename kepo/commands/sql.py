@@ -24,7 +24,9 @@ def named_query(name: str) -> str:
     path = DASHBOARDS_DIR / f"{name}.sql"
     if not path.is_file():
         known = sorted(p.stem for p in DASHBOARDS_DIR.glob("*.sql"))
-        raise StoreError(f"no named query {name!r}; known: {', '.join(known) or 'none'} (files in dashboards/)")
+        raise StoreError(
+            f"no named query {name!r}; known: {', '.join(known) or 'none'} (files in dashboards/)"
+        )
     return path.read_text()
 
 
@@ -45,11 +47,17 @@ def print_table(result: pa.Table, console: Console, title: str | None = None) ->
 
 def sql(
     query: Annotated[str | None, typer.Argument(help="A SELECT statement.")] = None,
-    db: Annotated[Path, typer.Option("--db", help="DuckDB file (<workdir>/kepo.duckdb).")] = Path("work/demo/kepo.duckdb"),
-    name: Annotated[str | None, typer.Option("--query", "-q", help="Run dashboards/NAME.sql instead.")] = None,
+    db: Annotated[Path, typer.Option("--db", help="DuckDB file (<workdir>/kepo.duckdb).")] = Path(
+        "work/demo/kepo.duckdb"
+    ),
+    name: Annotated[
+        str | None, typer.Option("--query", "-q", help="Run dashboards/NAME.sql instead.")
+    ] = None,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
-    lock_timeout_s: Annotated[float, typer.Option(help="Wait this long for a writer to finish.")] = 30.0,
+    lock_timeout_s: Annotated[
+        float, typer.Option(help="Wait this long for a writer to finish.")
+    ] = 30.0,
 ) -> None:
     """Run a read-only query (SELECT/EXPLAIN only) and print the result."""
     err = Console(stderr=True)
