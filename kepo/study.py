@@ -36,7 +36,6 @@ Summary queries (SQL over the store, study runs found by their tag):
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,8 +46,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kepo.config import ConfigError, DifficultyConfig, Modality, deep_merge, load_config
 from kepo.store import Store
-
-log = logging.getLogger(__name__)
 
 # Keys the study sets on every run; neither the study's nor a method's overrides may set them.
 RESERVED_KEYS = (
