@@ -58,6 +58,7 @@ def prepare_models(
     student_steps: int = 300,
     teacher_steps: int = 300,
     thinking: bool = True,
+    torch_threads: int | None = 1,
 ) -> dict[str, Any]:
     """Build (if absent) and warm up (if not done) the tiny student and teacher in `workdir`."""
     dirs = model_dirs(workdir)
@@ -86,8 +87,8 @@ def prepare_models(
         dirs["teacher"],
         in_domain=in_domain,
         thinking=thinking,
-        student_settings=WarmupSettings(steps=student_steps, seed=seed),
-        teacher_settings=WarmupSettings(steps=teacher_steps, seed=seed),
+        student_settings=WarmupSettings(steps=student_steps, seed=seed, torch_threads=torch_threads),
+        teacher_settings=WarmupSettings(steps=teacher_steps, seed=seed, torch_threads=torch_threads),
     )
     result = {
         "settings": wanted,
