@@ -87,8 +87,12 @@ def prepare_models(
         dirs["teacher"],
         in_domain=in_domain,
         thinking=thinking,
-        student_settings=WarmupSettings(steps=student_steps, seed=seed, torch_threads=torch_threads),
-        teacher_settings=WarmupSettings(steps=teacher_steps, seed=seed, torch_threads=torch_threads),
+        student_settings=WarmupSettings(
+            steps=student_steps, seed=seed, torch_threads=torch_threads
+        ),
+        teacher_settings=WarmupSettings(
+            steps=teacher_steps, seed=seed, torch_threads=torch_threads
+        ),
     )
     result = {
         "settings": wanted,
