@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from kepo.config import BundledDatasetConfig, DifficultyConfig
+from kepo.config import BundledDatasetConfig, DifficultyConfig, OptionOrder
 from kepo.curate import OMNIMEDVQA_MODALITY_STRINGS, QA_SUBDIR
 from schemas.tables import LETTERS, MODALITIES
 
@@ -583,9 +583,25 @@ class Question:
 
 
 def _options(
-    rng: np.random.Generator, answer: str, pool: tuple[str, ...], n: int
+    rng: np.random.Generator,
+    answer: str,
+    pool: tuple[str, ...],
+    n: int,
+    order: OptionOrder = "shuffled",
 ) -> tuple[str, ...]:
-    """`answer` plus up to n-1 distinct distractors from `pool`, in a random order."""
+    """`answer` plus up to n-1 distinct distractors from `pool`.
+
+    order "shuffled": random distractors in a random order (as in OmniMedVQA).
+    order "fixed": the block of n consecutive `pool` entries that holds the answer (the last n
+    when its block is short), in `pool` order: every question of a type lists the same options
+    in the same order, so an option's letter is a function of its text.
+    """
+    if order == "fixed":
+        ordered = list(dict.fromkeys((*pool, answer) if answer not in pool else pool))
+        if len(ordered) <= n:
+            return tuple(ordered)
+        start = min(ordered.index(answer) // n * n, len(ordered) - n)
+        return tuple(ordered[start : start + n])
     others = [p for p in pool if p != answer]
     k = min(n - 1, len(others))
     picked = [others[i] for i in sorted(rng.choice(len(others), size=k, replace=False).tolist())]
@@ -593,12 +609,14 @@ def _options(
     return tuple(opts[i] for i in rng.permutation(len(opts)))
 
 
-def _modality_question(rng: np.random.Generator, modality: str, look: str, n: int) -> Question:
+def _modality_question(
+    rng: np.random.Generator, modality: str, look: str, n: int, order: OptionOrder
+) -> Question:
     answer = MODALITY_ANSWERS[modality]
     return Question(
         MT,
         "Which imaging modality was used to acquire this image?",
-        _options(rng, answer, tuple(MODALITY_ANSWERS.values()), n),
+        _options(rng, answer, tuple(MODALITY_ANSWERS.values()), n, order),
         answer,
         f"The image shows {look}. The modality is {answer}.",
         "Look at the overall texture, colours and shape of the picture.",
@@ -733,16 +751,16 @@ def _synthetic_questions(
     cfg: BundledDatasetConfig,
     diff: DifficultyConfig,
 ) -> list[Question]:
-    n = diff.n_options
+    n, order = diff.n_options, cfg.option_order
     count = len(scene.lesions)
     f = style.findings[scene.finding] if scene.finding is not None else None
     plural = "lesions" if count > 1 else "lesion"
-    out: dict[str, Question] = {MT: _modality_question(rng, style.modality, style.look, n)}
+    out: dict[str, Question] = {MT: _modality_question(rng, style.modality, style.look, n, order)}
     anatomy_pool = (*style.anatomies, *style.anatomy_distractors)
     out[AI] = Question(
         AI,
         style.anatomy_question,
-        _options(rng, scene.anatomy, anatomy_pool, n),
+        _options(rng, scene.anatomy, anatomy_pool, n, order),
         scene.anatomy,
         f"The image shows {style.anatomies[scene.anatomy]}, so it is the {scene.anatomy.lower()}."
         if style.modality != "Fundus"
@@ -760,7 +778,7 @@ def _synthetic_questions(
     out[DD] = Question(
         DD,
         "Which abnormality is visible in this image?",
-        _options(rng, diagnosis, (*(x.name for x in style.findings), NO_FINDING), n),
+        _options(rng, diagnosis, (*(x.name for x in style.findings), NO_FINDING), n, order),
         diagnosis,
         why,
         "Compare the colour and shape of any round spot with the surrounding tissue; thin streaks do not count.",
@@ -774,7 +792,7 @@ def _synthetic_questions(
         out[LG] = Question(
             LG,
             f"How large {'is the lesion' if count == 1 else 'are the lesions'}?",
-            _options(rng, GRADES[scene.grade], GRADES, n),
+            _options(rng, GRADES[scene.grade], GRADES, n, order),
             GRADES[scene.grade],
             f"The {plural} measure{'s' if count == 1 else ''} about {width * cfg.image_size:.0f} pixels across, "
             f"{100 * width:.0f} % of the image width; the grades are {sizes}, so {'it is' if count == 1 else 'they are'} "
@@ -787,7 +805,7 @@ def _synthetic_questions(
         out[OBA] = Question(
             OBA,
             "Where is the lesion located in the image?",
-            _options(rng, where, QUADRANTS, n),
+            _options(rng, where, QUADRANTS, n, order),
             where,
             f"The only {f.look if f else 'lesion'} is centred {100 * cx:.0f} % from the left and {100 * cy:.0f} % "
             f"from the top, {'left' if cx < 0.5 else 'right'} of and {'above' if cy < 0.5 else 'below'} the centre: "
@@ -798,7 +816,7 @@ def _synthetic_questions(
         out[OBA] = Question(
             OBA,
             "How many lesions are visible in the image?",
-            _options(rng, COUNT_WORDS[count], COUNT_WORDS, n),
+            _options(rng, COUNT_WORDS[count], COUNT_WORDS, n, order),
             COUNT_WORDS[count],
             f"Apart from the normal anatomy the image holds {COUNT_WORDS[count].lower()} {f.look}s; thin streaks are not lesions."
             if f
@@ -1178,10 +1196,10 @@ def _toward(direction: str) -> str:
 
 
 def _real_questions(
-    rng: np.random.Generator, base: _RealBase, flipped: bool, n: int
+    rng: np.random.Generator, base: _RealBase, flipped: bool, n: int, order: OptionOrder
 ) -> list[Question]:
     style = STYLES[base.source.modality]
-    out = [_modality_question(rng, style.modality, REAL_LOOKS[style.modality], n)]
+    out = [_modality_question(rng, style.modality, REAL_LOOKS[style.modality], n, order)]
     labels = base.labels
     if "anatomy" in labels:
         a = labels["anatomy"]
@@ -1189,7 +1207,7 @@ def _real_questions(
             Question(
                 AI,
                 "Which body part or organ does this image show?",
-                _options(rng, a, BODY_PARTS, n),
+                _options(rng, a, BODY_PARTS, n, order),
                 a,
                 f"The image shows the {a.lower()}, as the source file's header records.",
                 "Look at the shapes of the organs and bones in the picture.",
@@ -1204,7 +1222,7 @@ def _real_questions(
             Question(
                 AI,
                 "Which eye does this fundus photograph show?",
-                _options(rng, eye, ("Left eye", "Right eye"), n),
+                _options(rng, eye, ("Left eye", "Right eye"), n, order),
                 eye,
                 f"The bright optic disc lies on the {disc_side} of the image, where the {eye.lower()}'s disc appears.",
                 "Find the optic disc: it sits on the same side as the eye.",
@@ -1216,7 +1234,7 @@ def _real_questions(
             Question(
                 DD,
                 "Which diagnosis fits this image?",
-                _options(rng, d, base.source.diagnosis_pool, n),
+                _options(rng, d, base.source.diagnosis_pool, n, order),
                 d,
                 f"The findings correspond to {d.lower()}, the diagnosis recorded with the source image.",
                 "Look for a focal abnormality and what it looks like.",
@@ -1228,7 +1246,7 @@ def _real_questions(
             Question(
                 OBA,
                 "Which direction of the patient points toward the right edge of the image?",
-                _options(rng, edge, tuple(DIRECTIONS.values()), n),
+                _options(rng, edge, tuple(DIRECTIONS.values()), n, order),
                 edge,
                 _orientation_rationale(base.right_edge, edge, flipped),
                 "Use landmarks whose side is known, such as the heart, the liver or the spine.",
@@ -1336,7 +1354,7 @@ def build_bundled(out_root: Path, cfg: BundledDatasetConfig) -> Path:
                     img, flipped = _real_variant(base, v, rng, cfg.image_size)
                     name = f"{stem}_v{v:02d}.png"
                     _save_png(img, img_dir / name)
-                    for q in _real_questions(rng, base, flipped, diff.n_options):
+                    for q in _real_questions(rng, base, flipped, diff.n_options, cfg.option_order):
                         qid = f"minimed-real-{stem}-v{v:02d}-{_slug(q.qtype)[:12]}"
                         records.append(
                             _record(

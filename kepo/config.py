@@ -45,6 +45,9 @@ class DifficultyConfig(_Section):
     n_options: int = _f("Options per question (2..6).", 4, ge=2, le=6)
 
 
+OptionOrder = Literal["shuffled", "fixed"]
+
+
 class BundledDatasetConfig(_Section):
     """MiniMedVQA, the offline dataset built from wheel-shipped and procedurally generated images."""
 
@@ -64,6 +67,14 @@ class BundledDatasetConfig(_Section):
         "Label-preserving variants (crops, flips, windowing) per real image.", 6, ge=1
     )
     image_size: int = _f("Side of the generated images in pixels.", 96, ge=16, le=1024)
+    option_order: OptionOrder = _f(
+        "How questions list their options. 'shuffled': random distractors in a random order, as "
+        "in OmniMedVQA (answering needs the option text -> letter look-up). 'fixed': every "
+        "question of a type lists the same options in one order, so the letter follows from the "
+        "content; for the tiny models, which do not learn the look-up in a CPU-sized warm-up "
+        "(the learning-cliff study's setting).",
+        "shuffled",
+    )
     difficulty: dict[str, DifficultyConfig] = _f(
         "Per-modality difficulty overrides, keyed by modality name; unlisted modalities use defaults.",
         default_factory=dict,

@@ -70,6 +70,8 @@ def prepare_models(
         "in_domain": in_domain,
         "thinking": thinking,
         "curated_dir": str(curated_dir),
+        # the data itself, so models warmed up on an older build of the folder are not reused
+        "curated_pool_sha256": QuestionSet(curated_dir).manifest["outputs"]["pool.parquet"],
     }
     if marker.is_file():
         done = json.loads(marker.read_text())

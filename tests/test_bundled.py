@@ -220,3 +220,41 @@ def test_difficulty_overrides_apply_per_modality(tmp_path: Path) -> None:
         for modality, recs in (("OCT", oct_records), ("MRI", mri_records))
     }
     assert n_opts == {"OCT": {6}, "MRI": {4}}
+
+
+def test_fixed_option_order_makes_the_letter_a_function_of_the_answer(tmp_path: Path) -> None:
+    cfg = BundledDatasetConfig(
+        synthetic_per_modality=16,
+        real_variants_per_image=1,
+        image_size=32,
+        option_order="fixed",
+        difficulty={"MRI": DifficultyConfig(n_options=6)},
+    )
+    qa = build_bundled(tmp_path, cfg) / "QA_information" / "Open-access"
+    letter_of: dict[tuple[str, str, str], set[str]] = {}
+    layouts: dict[tuple[str, str, str], set[tuple[str, ...]]] = {}
+    for path in sorted(qa.glob("*.json")):
+        for r in json.loads(path.read_text()):
+            options = tuple(r[f"option_{c}"] for c in "ABCDEF" if f"option_{c}" in r)
+            assert r["gt_answer"] in options, r["question_id"]
+            assert len(set(options)) == len(options), r["question_id"]
+            key = (path.stem, r["question"], r["gt_answer"])
+            letter_of.setdefault(key, set()).add("ABCDEF"[options.index(r["gt_answer"])])
+            layouts.setdefault(key, set()).add(options)
+    assert len(letter_of) > 50
+    # one answer text -> one letter and one option list, whatever image it is asked about
+    assert all(len(v) == 1 for v in letter_of.values())
+    assert all(len(v) == 1 for v in layouts.values())
+    mri = [
+        k for k in layouts if k[0].endswith(" MRI") and k[1].startswith("Which imaging modality")
+    ]
+    assert mri and all(len(next(iter(layouts[k]))) == 6 for k in mri)
+    # and the shuffled default really does vary the letter of an answer
+    shuffled = build_bundled(tmp_path / "s", cfg.model_copy(update={"option_order": "shuffled"}))
+    letters: dict[tuple[str, str, str], set[str]] = {}
+    for path in sorted((shuffled / "QA_information" / "Open-access").glob("*.json")):
+        for r in json.loads(path.read_text()):
+            options = [r[f"option_{c}"] for c in "ABCDEF" if f"option_{c}" in r]
+            key = (r["modality_type"], r["question"], r["gt_answer"])
+            letters.setdefault(key, set()).add("ABCDEF"[options.index(r["gt_answer"])])
+    assert sum(len(v) > 1 for v in letters.values()) > 10
