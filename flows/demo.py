@@ -61,7 +61,7 @@ def kepo_demo(
     workdir: str = "work/demo",
     iterations: int | None = None,
     student_warmup_steps: int = 300,
-    teacher_warmup_steps: int = 600,
+    teacher_warmup_steps: int = 300,
     configs: list[str] | None = None,
 ) -> dict:
     """Run the whole demo in `workdir`; returns the paths of the database and the report."""

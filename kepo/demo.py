@@ -56,7 +56,7 @@ def prepare_models(
     in_domain: str,
     seed: int = 0,
     student_steps: int = 300,
-    teacher_steps: int = 600,
+    teacher_steps: int = 300,
     thinking: bool = True,
     torch_threads: int | None = 1,
 ) -> dict[str, Any]:

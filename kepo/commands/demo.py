@@ -24,7 +24,7 @@ def demo(
     ] = 300,
     teacher_warmup_steps: Annotated[
         int, typer.Option(help="Warm-up steps of the tiny teacher.")
-    ] = 600,
+    ] = 300,
 ) -> None:
     """Curate MiniMedVQA, warm up tiny models, run KEPO and GRPO, evaluate, write the report."""
     console = Console()
