@@ -222,6 +222,22 @@ def test_difficulty_overrides_apply_per_modality(tmp_path: Path) -> None:
     assert n_opts == {"OCT": {6}, "MRI": {4}}
 
 
+def _layouts_by_answer(root: Path) -> dict[tuple[str, str, str], set[tuple[str, ...]]]:
+    """(QA file, question, answer) -> the option lists it was asked with, over a build."""
+    layouts: dict[tuple[str, str, str], set[tuple[str, ...]]] = {}
+    for path in sorted((root / "QA_information" / "Open-access").glob("*.json")):
+        for r in json.loads(path.read_text()):
+            options = tuple(r[f"option_{c}"] for c in "ABCDEF" if f"option_{c}" in r)
+            assert r["gt_answer"] in options, r["question_id"]
+            assert len(set(options)) == len(options), r["question_id"]
+            layouts.setdefault((path.stem, r["question"], r["gt_answer"]), set()).add(options)
+    return layouts
+
+
+def _letters(layouts: set[tuple[str, ...]], answer: str) -> set[str]:
+    return {"ABCDEF"[options.index(answer)] for options in layouts}
+
+
 def test_fixed_option_order_makes_the_letter_a_function_of_the_answer(tmp_path: Path) -> None:
     cfg = BundledDatasetConfig(
         synthetic_per_modality=16,
@@ -230,20 +246,10 @@ def test_fixed_option_order_makes_the_letter_a_function_of_the_answer(tmp_path: 
         option_order="fixed",
         difficulty={"MRI": DifficultyConfig(n_options=6)},
     )
-    qa = build_bundled(tmp_path, cfg) / "QA_information" / "Open-access"
-    letter_of: dict[tuple[str, str, str], set[str]] = {}
-    layouts: dict[tuple[str, str, str], set[tuple[str, ...]]] = {}
-    for path in sorted(qa.glob("*.json")):
-        for r in json.loads(path.read_text()):
-            options = tuple(r[f"option_{c}"] for c in "ABCDEF" if f"option_{c}" in r)
-            assert r["gt_answer"] in options, r["question_id"]
-            assert len(set(options)) == len(options), r["question_id"]
-            key = (path.stem, r["question"], r["gt_answer"])
-            letter_of.setdefault(key, set()).add("ABCDEF"[options.index(r["gt_answer"])])
-            layouts.setdefault(key, set()).add(options)
-    assert len(letter_of) > 50
+    layouts = _layouts_by_answer(build_bundled(tmp_path, cfg))
+    assert len(layouts) > 50
     # one answer text -> one letter and one option list, whatever image it is asked about
-    assert all(len(v) == 1 for v in letter_of.values())
+    assert all(len(_letters(v, key[2])) == 1 for key, v in layouts.items())
     assert all(len(v) == 1 for v in layouts.values())
     mri = [
         k for k in layouts if k[0].endswith(" MRI") and k[1].startswith("Which imaging modality")
@@ -251,10 +257,5 @@ def test_fixed_option_order_makes_the_letter_a_function_of_the_answer(tmp_path: 
     assert mri and all(len(next(iter(layouts[k]))) == 6 for k in mri)
     # and the shuffled default really does vary the letter of an answer
     shuffled = build_bundled(tmp_path / "s", cfg.model_copy(update={"option_order": "shuffled"}))
-    letters: dict[tuple[str, str, str], set[str]] = {}
-    for path in sorted((shuffled / "QA_information" / "Open-access").glob("*.json")):
-        for r in json.loads(path.read_text()):
-            options = [r[f"option_{c}"] for c in "ABCDEF" if f"option_{c}" in r]
-            key = (r["modality_type"], r["question"], r["gt_answer"])
-            letters.setdefault(key, set()).add("ABCDEF"[options.index(r["gt_answer"])])
-    assert sum(len(v) > 1 for v in letters.values()) > 10
+    letters = [_letters(v, key[2]) for key, v in _layouts_by_answer(shuffled).items()]
+    assert sum(len(v) > 1 for v in letters) > 10
