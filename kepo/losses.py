@@ -12,7 +12,9 @@ Choices the paper leaves open, and the defaults taken here (the trainer's config
    KL(p_S‖p_T) (reverse), both special-cased since the weighted form vanishes there. Default 0.5.
 5. Offline distillation over the teacher's stored top-k: both distributions become the k ids
    plus one tail bucket with the remaining mass, so the loss never exceeds the full one.
-6. The gate (eq. 7) arrives as a bool per row; r ≥ τ versus r > τ is decided by the caller.
+6. The gate (eq. 7): `quality_gate` decides 𝟙[r ⋈ τ] per row with ⋈ = ≥ (the authors) or >
+   (the paper's text); the rollout stage applies it and stores the bool, `gated_distillation`
+   zeroes the divergence of gated-out rows in the trainer.
 
 Shapes: B rows (trajectories), T completion tokens, V vocabulary, k stored teacher ids.
 Training terms return `(per_token_loss (B, T), metrics)`; metrics are detached 0-dim tensors,
@@ -363,6 +365,22 @@ def topk_divergence(
     student_logp = torch.cat([student_top, student_tail], dim=-1)  # (B, T, k+1)
     teacher_logp = torch.cat([teacher_top, teacher_tail], dim=-1)  # (B, T, k+1)
     return _divergence_from_logprobs(student_logp, teacher_logp, kind=kind, beta=beta)
+
+
+GateComparator = Literal[">=", ">"]
+
+
+def quality_gate(rewards: Tensor, *, tau: float, comparator: GateComparator) -> Tensor:
+    """Eq. 7's indicator 𝟙[r_i ⋈ τ] per row: rewards (N,) → (N,) bool.
+
+    comparator ">=" opens the gate at r_i ≥ τ (the authors' code), ">" at r_i > τ (the paper's
+    text, §3.2.1). The reward is whichever part the caller gates on (total or accuracy).
+    """
+    if comparator == ">=":
+        return rewards >= tau
+    if comparator == ">":
+        return rewards > tau
+    raise ValueError(f"unknown gate comparator {comparator!r}; use '>=' or '>'")
 
 
 def gated_distillation(divergence: Tensor, gate_open: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from kepo.losses import (
     group_advantages,
     kl_k3,
     policy_loss,
+    quality_gate,
     reverse_kl,
     sft_loss,
     token_logprobs,
@@ -572,6 +573,20 @@ def test_gate_keeps_nan_of_gated_rows_out():
         gated_distillation(divergence, torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="gate_open"):
         gated_distillation(divergence, torch.tensor([True]))
+
+
+def test_quality_gate_hand_values_for_both_comparators():
+    rewards = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0], dtype=torch.float64)
+    at_least = quality_gate(rewards, tau=1.0, comparator=">=")
+    above = quality_gate(rewards, tau=1.0, comparator=">")
+    assert at_least.dtype == torch.bool
+    assert at_least.tolist() == [False, False, True, True, True]
+    assert above.tolist() == [False, False, False, True, True]
+    # τ = 0 with >= opens every gate (rewards are ≥ 0); τ above the maximum closes every gate
+    assert quality_gate(rewards, tau=0.0, comparator=">=").all()
+    assert not quality_gate(rewards, tau=2.0, comparator=">").any()
+    with pytest.raises(ValueError, match="unknown gate comparator '=>'"):
+        quality_gate(rewards, tau=1.0, comparator="=>")  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- MM-GKD
