@@ -245,7 +245,7 @@ class OurStep:
             num_processes=1,
             seed=0,
         )[0]
-        self.loss_fn = MICRO_BATCH_LOSS[algorithm]
+        self.loss_fn = MICRO_BATCH_LOSS[self.cfg.algorithm.spec.loss]
         self.n_open = sum(r.gate_open for r in rows)
         self.last_row: dict[str, Any] = {}
         self.prep_s = 0.0  # time in _Context.sequences (template, tokenizer, image processor)

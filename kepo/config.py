@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kepo.algorithms import ALGORITHMS, AlgorithmSpec, spec_for
 from schemas.tables import MODALITIES
 
 Modality = Literal["MRI", "CT", "X-Ray", "Ultrasound", "Dermoscopy", "Fundus", "OCT", "Microscopy"]
@@ -266,7 +267,7 @@ class DistillConfig(_Section):
 class AlgorithmConfig(_Section):
     """Which objective is optimised and its coefficients."""
 
-    name: Literal["grpo", "rloo", "kepo", "gkd", "sft"] = _f("Training algorithm.", "kepo")
+    name: str = _f(f"Training algorithm ({', '.join(ALGORITHMS)}; kepo.algorithms).", "kepo")
     label: str | None = _f(
         "Method label for tables and plots (default: derived from the settings).", None
     )
@@ -295,15 +296,22 @@ class AlgorithmConfig(_Section):
         le=1.0,
     )
 
+    @field_validator("name")
+    @classmethod
+    def _known_algorithm(cls, name: str) -> str:
+        spec_for(name)  # raises "unknown algorithm ...; use one of ..."
+        return name
+
+    @property
+    def spec(self) -> AlgorithmSpec:
+        """What this algorithm needs from the stages (`kepo.algorithms`)."""
+        return spec_for(self)
+
     @property
     def advantage_estimator(self) -> Literal["grpo", "rloo"]:
         if self.advantage is not None:
             return self.advantage
-        return "rloo" if self.name == "rloo" else "grpo"
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.name in ("kepo", "gkd")
+        return self.spec.advantage
 
 
 # ---------------------------------------------------------------------------------- training
@@ -397,10 +405,11 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.algorithm.uses_teacher and self.models.teacher is None:
+        if self.algorithm.spec.needs_teacher and self.models.teacher is None:
+            without = "/".join(n for n, s in ALGORITHMS.items() if not s.needs_teacher)
             raise ValueError(
                 f"algorithm.name={self.algorithm.name!r} needs a teacher: set models.teacher to a "
-                "local model folder, or choose algorithm.name grpo/rloo/sft"
+                f"local model folder, or choose algorithm.name {without}"
             )
         if self.rollout.exploration.inject_k > self.rollout.group_size:
             raise ValueError(
@@ -420,20 +429,16 @@ class RunConfig(_Section):
     @property
     def exploration_active(self) -> bool:
         """Exploration runs only for kepo with exploration enabled (KEPO-KE = kepo without it)."""
-        return self.algorithm.name == "kepo" and self.rollout.exploration.enabled
+        return self.algorithm.spec.explores and self.rollout.exploration.enabled
 
     @property
     def method_label(self) -> str:
         if self.algorithm.label:
             return self.algorithm.label
-        a = self.algorithm
         mode = "thinking" if self.prompts.thinking else "non-thinking"
-        if a.name == "kepo":
-            base = "KEPO" if self.exploration_active else "KEPO-KE"
-            return f"{base} (τ={a.distill.gate.tau:g}, {mode})"
-        if a.name == "gkd":
-            return f"MM-GKD (λ={a.gkd_lambda:g}, {mode})"
-        return f"{a.name.upper()} ({mode})"
+        return self.algorithm.spec.method_label(
+            self.algorithm, explores=self.exploration_active, mode=mode
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)

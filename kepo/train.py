@@ -73,6 +73,7 @@ from typing import Any, Literal
 
 import torch
 
+from kepo.algorithms import spec_for
 from kepo.config import RunConfig
 from kepo.losses import token_logprobs
 from kepo.models import (
@@ -193,14 +194,17 @@ def load_training_data(run: Run, iteration: int, tokenizer: Any) -> TrainingData
         targets[pid] = dataset_target_text(question, thinking=cfg.prompts.thinking)
 
     prompt_ids = [p["prompt_id"] for p in prompts]
-    if algo.name == "sft":
+    spec = spec_for(algo)
+    if spec.trains_on == "targets":
         rows = [
             TrainRow(pid, None, target_token_ids(tokenizer, targets[pid])) for pid in prompt_ids
         ]
         return TrainingData(rows=rows, items=items)
 
-    rollout_rows = _load_rollout_rows(run, iteration, set(prompt_ids))
-    if algo.name == "gkd":
+    # gkd with λ = 0 trains on targets only: its rollout drew no samples
+    uses_samples = spec.uses_policy_samples(algo)
+    rollout_rows = _load_rollout_rows(run, iteration, set(prompt_ids)) if uses_samples else []
+    if spec.trains_on == "rollouts_or_targets":
         on_policy = gkd_sources(prompt_ids, lam=algo.gkd_lambda, seed=run.seed("gkd", iteration))
         rows = []
         for pid in prompt_ids:
@@ -209,15 +213,15 @@ def load_training_data(run: Run, iteration: int, tokenizer: Any) -> TrainingData
             else:
                 rows.append(TrainRow(pid, None, target_token_ids(tokenizer, targets[pid])))
         return TrainingData(rows=rows, items=items, gkd_on_policy=on_policy)
-    if algo.name == "kepo" and algo.distill.mode == "offline":
+    if spec.stores_teacher_topk(algo):
         rollout_rows = _attach_teacher_topk(run, iteration, rollout_rows)
     return TrainingData(rows=rollout_rows, items=items)
 
 
 def _load_rollout_rows(run: Run, iteration: int, prompt_ids: set[str]) -> list[TrainRow]:
-    cfg = run.config
-    needs_ref = cfg.algorithm.name != "gkd" and cfg.algorithm.kl_coef > 0
-    needs_rl = cfg.algorithm.name != "gkd"
+    spec = spec_for(run.config.algorithm)
+    needs_ref = spec.needs_reference(run.config.algorithm)
+    needs_rl = spec.policy_term
     table = run.store.read(
         "rollouts",
         {"run_id": run.run_id, "iteration": iteration, "trained": True},
@@ -352,10 +356,11 @@ def nominal_steps_per_iteration(cfg: RunConfig, num_processes: int) -> int:
     fewer when it picks dataset targets), prompts_per_iteration for sft.
     """
     t = cfg.train
-    if cfg.algorithm.name == "sft":
-        rows, passes = cfg.rollout.prompts_per_iteration, t.sft_epochs
-    else:
-        rows, passes = cfg.rollout.prompts_per_iteration * cfg.rollout.group_size, t.passes
+    spec = spec_for(cfg.algorithm)
+    rows = cfg.rollout.prompts_per_iteration
+    if spec.trains_on != "targets":
+        rows *= cfg.rollout.group_size
+    passes = spec.passes(t)
     rows_per_step = t.micro_batch_size * t.grad_accum_steps * num_processes
     return passes * math.ceil(rows / rows_per_step)
 
@@ -610,10 +615,10 @@ def _loss_padding(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
     return ObjectiveOutput(loss=completion_logits(ctx.model, batch).sum() * 0.0)
 
 
-# One function per algorithm, all with the signature (context, rows) -> ObjectiveOutput.
+# One function per loss, all with the signature (context, rows) -> ObjectiveOutput; each
+# algorithm names its own in `kepo.algorithms.AlgorithmSpec.loss`.
 MICRO_BATCH_LOSS = {
-    "grpo": _loss_policy,
-    "rloo": _loss_policy,
+    "policy": _loss_policy,
     "kepo": _loss_kepo,
     "gkd": _loss_gkd,
     "sft": _loss_sft,
@@ -627,13 +632,8 @@ def _step_denominator(cfg: RunConfig, rows: Sequence[TrainRow]) -> float:
 
 
 def _needs_teacher(cfg: RunConfig, data: TrainingData) -> bool:
-    algo = cfg.algorithm
-    if algo.name == "gkd":
-        return True
-    return (
-        algo.name == "kepo"
-        and algo.distill.mode == "online"
-        and any(r.gate_open for r in data.rows)
+    return spec_for(cfg.algorithm).teacher_in_trainer(
+        cfg.algorithm, any(r.gate_open for r in data.rows)
     )
 
 
@@ -725,10 +725,10 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
     model, optimizer = accelerator.prepare(model, optimizer)
 
     n_proc = accelerator.num_processes
-    passes = cfg.train.sft_epochs if cfg.algorithm.name == "sft" else cfg.train.passes
+    spec = spec_for(cfg.algorithm)
     plans = plan_steps(
         len(data.rows),
-        passes=passes,
+        passes=spec.passes(cfg.train),
         micro_batch_size=cfg.train.micro_batch_size,
         grad_accum_steps=cfg.train.grad_accum_steps,
         num_processes=n_proc,
@@ -739,7 +739,7 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
     ctx = _Context(
         cfg, accelerator, model, processor, teacher, teacher_processor, data, run.questions()
     )
-    loss_fn = MICRO_BATCH_LOSS[cfg.algorithm.name]
+    loss_fn = MICRO_BATCH_LOSS[spec.loss]
     # Undo Accelerator.backward's division by its accumulation steps and DDP's mean over
     # processes: the loss is already normalised by the whole step's count.
     backward_scale = float(accelerator.gradient_accumulation_steps * n_proc)
@@ -909,8 +909,10 @@ def _optimizer_step(
     def part(p: int) -> float | None:
         return float(sums[1 + p]) if sums[1 + n_parts + p] > 0 else None
 
+    metrics = spec_for(cfg.algorithm).metrics
+
     def metric(m: int) -> float | None:
-        present = cfg.algorithm.name in ("grpo", "rloo", "kepo")
+        present = TOKEN_METRICS[m] in metrics
         return float(sums[1 + 2 * n_parts + m]) / max(n_tokens, 1) if present else None
 
     def finite_or_none(x: float) -> float | None:
@@ -926,7 +928,7 @@ def _optimizer_step(
         **{name: part(p) for p, name in enumerate(LOSS_PARTS)},
         **{name: metric(m) for m, name in enumerate(TOKEN_METRICS)},
         "gate_frac_open": (sum(r.gate_open for r in rows) / len(rows))
-        if cfg.algorithm.name == "kepo"
+        if "gate_frac_open" in metrics
         else None,
         "grad_norm": finite_or_none(grad_norm),
         "lr": lr,
