@@ -52,6 +52,11 @@ def explain_trigger(prompt: dict[str, Any], settings: dict[str, Any]) -> str:
             f"exploration is off for this run (algorithm {settings.get('algorithm')}, "
             f"exploration enabled: {settings.get('exploration_enabled')})"
         )
+    if reason == "no_policy_samples":
+        return (
+            f"no policy samples were drawn: algorithm {settings.get('algorithm')} trains on the "
+            "dataset target of this prompt"
+        )
     if reason.startswith("all_zero"):
         return f"triggered: all {g} policy samples scored 0 on the {part} reward"
     if reason == "batch_scope":
@@ -371,7 +376,7 @@ def render_overview(rows: list[dict[str, Any]], console: Console, title: str) ->
             r["prompt_id"],
             r["modality"],
             r["gold_letter"],
-            str(r["n_policy_correct"]),
+            "-" if r["n_policy_correct"] is None else str(r["n_policy_correct"]),
             _yes(r["triggered"]),
             r["trigger_reason"],
             str(r["n_attempts"]),

@@ -12,18 +12,23 @@
 2. Policy samples. G trajectories per prompt from policy version k, all prompts in one generate
    call, each prompt with its own seed seed("rollout", k, prompt_id); scored with the rule-based
    rewards.
+   An algorithm that never trains on policy samples (`AlgorithmSpec.uses_policy_samples`:
+   sft, gkd with λ = 0) skips steps 2-4: the stage records the batch's `prompts` rows only
+   (trigger_reason "no_policy_samples", sample counts NULL), loads no model and generates nothing.
 3. Exploration. `kepo.exploration.explore` (Algorithm 1) for KEPO with exploration on; every
    other algorithm records trigger_reason "exploration_off". The teacher is loaded only when a
    prompt triggers (or offline distillation needs it).
 4. Training view. The G trained rows per prompt (policy samples, with accepted hint-aware ones
    in the slots they replaced) are scored under the PLAIN training prompt x: old-policy
    log-probs for every trained row (policy rows too: one code path, and the stored numbers are
-   what the trainer's ratio divides by), reference log-probs when algorithm.kl_coef > 0, and in
-   offline distillation mode the teacher's top-k only for rows whose gate is open. Advantages
+   what the trainer's ratio divides by), reference log-probs when the algorithm has a policy
+   term and algorithm.kl_coef > 0, and in offline distillation mode the teacher's top-k only
+   for rows whose gate is open. Advantages
    are computed per prompt over the trained rows from reward_total
-   (`kepo.losses.group_advantages`). gate_open = trained AND reward part ⋈ τ AND algorithm is
-   kepo; it is False for every other algorithm (GRPO/RLOO have no distillation term, and MM-GKD
-   distils every row without a gate) and for rows not trained on.
+   (`kepo.losses.group_advantages`). gate_open = trained AND reward part ⋈ τ
+   (`kepo.losses.quality_gate`) AND the algorithm's distillation is gated (kepo); it is False
+   for every other algorithm (GRPO/RLOO have no distillation term, and MM-GKD distils every row
+   without a gate) and for rows not trained on (`assign_advantages_and_gates`, pure).
    When the reference is the same model folder as policy version k (iteration 0 with no
    `models.reference`), its log-probs ARE the old-policy ones and are copied, not recomputed.
 5. Write. All tables of (run, k) in one store transaction: a rerun replaces them, and a process
@@ -46,15 +51,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kepo.exploration import (
+    AttemptSample,
     ExplorationOutcome,
     ExplorationSettings,
+    HintRecord,
     PolicyGroup,
     explore,
     sampling_params,
@@ -71,6 +78,8 @@ log = logging.getLogger(__name__)
 
 ROLLOUT_TABLES = (PROMPTS, ROLLOUTS, HINTS, HINT_ATTEMPTS, TEACHER_TOPK)
 SHARD_MANIFEST = "manifest.json"
+NO_POLICY_SAMPLES = "no_policy_samples"
+"""prompts.trigger_reason of an algorithm that draws no policy samples (sft, gkd with λ = 0)."""
 
 
 class RolloutError(RuntimeError):
@@ -274,6 +283,10 @@ def compute_rollout(
     prompts = [_load_prompt(run, iteration, e) for e in shard_entries(batch, shard_index, n_shards)]
     backends = _Backends(run, iteration, backend, teacher_backend, reference_backend)
     try:
+        if not cfg.algorithm.spec.uses_policy_samples(cfg.algorithm):
+            # the batch and its prompts only: training reads dataset targets, not samples
+            tables = _build_tables(run, iteration, prompts, None, backends)
+            return _result(run, iteration, (shard_index, n_shards), tables, started, timings)
         student = backends.get("student")
         tick = time.perf_counter()
         _sample_policy(run, prompts, student)
@@ -296,14 +309,19 @@ def compute_rollout(
         timings["scoring_s"] = time.perf_counter() - tick
     finally:
         backends.close()
+    return _result(run, iteration, (shard_index, n_shards), tables, started, timings)
+
+
+def _result(
+    run: Run,
+    iteration: int,
+    shard: tuple[int, int],
+    tables: dict[str, pa.Table],
+    started: float,
+    timings: dict[str, float],
+) -> RolloutResult:
     result = RolloutResult(
-        run.run_id,
-        iteration,
-        (shard_index, n_shards),
-        tables,
-        None,
-        time.perf_counter() - started,
-        timings,
+        run.run_id, iteration, shard, tables, None, time.perf_counter() - started, timings
     )
     log.info("%s", result.summary())
     return result
@@ -356,16 +374,6 @@ def _sample_policy(run: Run, prompts: list[_Prompt], student: GenerationBackend)
         ]
 
 
-def gate_is_open(reward: RewardRecord, *, tau: float, comparator: str, reward_part: str) -> bool:
-    """The quality gate 1[r ⋈ τ] of eq. 7 on the configured reward part."""
-    value = reward.reward_total if reward_part == "total" else reward.reward_accuracy
-    if comparator == ">=":
-        return value >= tau
-    if comparator == ">":
-        return value > tau
-    raise ValueError(f"unknown gate comparator {comparator!r}; use '>=' or '>'")
-
-
 def _reward_cols(r: RewardRecord) -> dict[str, Any]:
     return {
         "reward_format": r.reward_format,
@@ -376,60 +384,73 @@ def _reward_cols(r: RewardRecord) -> dict[str, Any]:
     }
 
 
-def _build_tables(
-    run: Run,
-    iteration: int,
-    prompts: list[_Prompt],
-    outcomes: list[ExplorationOutcome],
-    backends: _Backends,
-) -> dict[str, pa.Table]:
-    """Step 4: the rows of every table, with log-probs, advantages and gates."""
-    cfg = run.config
-    g = cfg.rollout.group_size
-    algo = cfg.algorithm
-    gate = algo.distill.gate
-    key = {"run_id": run.run_id, "iteration": iteration}
-    teacher = teacher_name(cfg.models.teacher)
+# ------------------------------------------------------------------------------ rows (pure)
+@dataclass
+class Trajectory:
+    """One `rollouts` row being built, and the index of its prompt in the shard's batch."""
 
-    prompt_rows, rollout_rows, hint_rows, attempt_rows = [], [], [], []
-    for gi, (prompt, outcome) in enumerate(zip(prompts, outcomes, strict=True)):
-        pid = prompt.entry.prompt_id
-        replaced = outcome.replaced_slots
-        for i, (completion, reward) in enumerate(
-            zip(prompt.completions, prompt.rewards, strict=True)
-        ):
-            row = {
-                **key,
-                "prompt_id": pid,
-                "sample_idx": i,
-                "slot": i,
-                "source": "policy",
-                "trained": i not in replaced,
-                "replaced_by": g + replaced[i] if i in replaced else None,
-                "attempt_id": None,
-                "generation_prompt": prompt.training_prompt,
-                "completion_text": completion.text,
-                "completion_ids": list(completion.token_ids),
-                "sampled_logprobs": [float(x) for x in completion.logprobs],
-                "old_logprobs": None,
-                "ref_logprobs": None,
-                **_reward_cols(reward),
-                "advantage": None,
-                "gate_open": False,
-                "leak_flag": False,
-                "policy_version": iteration,
-                "finish_reason": completion.finish_reason,
-                "n_tokens": len(completion.token_ids),
-                "_group": gi,
-            }
-            rollout_rows.append(row)
-        for j, injection in enumerate(outcome.injections):
-            sample = injection.sample
-            rollout_rows.append(
+    group: int
+    """Index of the prompt in the shard's prompt list (the advantage group)."""
+    columns: dict[str, Any]
+    """The `rollouts` columns."""
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.columns["trained"])
+
+
+def policy_trajectories(
+    key: dict[str, Any], group: int, prompt: _Prompt, outcome: ExplorationOutcome, group_size: int
+) -> list[Trajectory]:
+    """The G policy samples of one prompt; a slot taken by an injection is not trained."""
+    replaced = outcome.replaced_slots
+    rows = []
+    for i, (completion, reward) in enumerate(zip(prompt.completions, prompt.rewards, strict=True)):
+        rows.append(
+            Trajectory(
+                group,
                 {
                     **key,
-                    "prompt_id": pid,
-                    "sample_idx": g + j,
+                    "prompt_id": prompt.entry.prompt_id,
+                    "sample_idx": i,
+                    "slot": i,
+                    "source": "policy",
+                    "trained": i not in replaced,
+                    "replaced_by": group_size + replaced[i] if i in replaced else None,
+                    "attempt_id": None,
+                    "generation_prompt": prompt.training_prompt,
+                    "completion_text": completion.text,
+                    "completion_ids": list(completion.token_ids),
+                    "sampled_logprobs": [float(x) for x in completion.logprobs],
+                    "old_logprobs": None,
+                    "ref_logprobs": None,
+                    **_reward_cols(reward),
+                    "advantage": None,
+                    "gate_open": False,
+                    "leak_flag": False,
+                    "policy_version": key["iteration"],
+                    "finish_reason": completion.finish_reason,
+                    "n_tokens": len(completion.token_ids),
+                },
+            )
+        )
+    return rows
+
+
+def injected_trajectories(
+    key: dict[str, Any], group: int, prompt_id: str, outcome: ExplorationOutcome, group_size: int
+) -> list[Trajectory]:
+    """The accepted hint-aware samples of one prompt, as rows G, G+1, ... in their slots."""
+    rows = []
+    for j, injection in enumerate(outcome.injections):
+        sample = injection.sample
+        rows.append(
+            Trajectory(
+                group,
+                {
+                    **key,
+                    "prompt_id": prompt_id,
+                    "sample_idx": group_size + j,
                     "slot": injection.slot,
                     "source": "hint",
                     "trained": True,
@@ -445,163 +466,282 @@ def _build_tables(
                     "advantage": None,
                     "gate_open": False,
                     "leak_flag": sample.leak_flag,
-                    "policy_version": iteration,
+                    "policy_version": key["iteration"],
                     "finish_reason": sample.completion.finish_reason,
                     "n_tokens": len(sample.completion.token_ids),
-                    "_group": gi,
-                }
+                },
             )
-        prompt_rows.append(
-            {
-                **key,
-                "prompt_id": pid,
-                "batch_position": prompt.entry.position,
-                "epoch": prompt.entry.epoch,
-                "modality": prompt.row["modality"],
-                "question_type": prompt.row["question_type"],
-                "gold_letter": prompt.item.gold_letter,
-                "training_prompt": prompt.training_prompt,
-                "sampling_seed": prompt.request.seed,
-                "n_policy_correct": sum(r.reward_accuracy == 1.0 for r in prompt.rewards),
-                "max_trigger_reward": outcome.max_trigger_reward,
-                "triggered": outcome.triggered,
-                "trigger_reason": outcome.trigger_reason,
-                "n_attempts": outcome.n_attempts,
-                "n_injected": len(outcome.injections),
-            }
         )
-        if outcome.hint is not None:
-            h = outcome.hint
-            hint_rows.append(
-                {
-                    **key,
-                    "prompt_id": pid,
-                    "teacher": teacher,
-                    "hint_prompt": h.hint_prompt,
-                    "raw_output": h.raw_output,
-                    "hint_text": h.hint_text,
-                    "parse_ok": h.parse_ok,
-                    "parse_reason": h.parse_reason,
-                    "malformed_rule": h.malformed_rule,
-                }
-            )
-        for a in outcome.attempts:
-            attempt_rows.append(
-                {
-                    **key,
-                    "prompt_id": pid,
-                    "attempt_id": a.attempt_id,
-                    "attempt_idx": a.attempt_idx,
-                    "k_idx": a.k_idx,
-                    "generation_prompt": a.generation_prompt,
-                    "completion_text": a.completion.text,
-                    "completion_ids": list(a.completion.token_ids),
-                    "sampled_logprobs": [float(x) for x in a.completion.logprobs],
-                    **_reward_cols(a.reward),
-                    "accepted": a.acceptable,
-                    "attempt_accepted": a.attempt_accepted,
-                    "injected": a.injected,
-                    "leak_flag": a.leak_flag,
-                    "finish_reason": a.completion.finish_reason,
-                }
-            )
-    # the rows the trainer uses, scored under the plain prompt below
-    trained = [(prompts[r["_group"]], r) for r in rollout_rows if r["trained"]]
+    return rows
 
-    # Advantages over each prompt's G trained rows.
-    if trained:
-        import torch
 
-        from kepo.losses import group_advantages
+def prompt_record(
+    key: dict[str, Any], prompt: _Prompt, outcome: ExplorationOutcome | None
+) -> dict[str, Any]:
+    """The `prompts` row of one prompt; outcome None when the algorithm draws no policy samples
+    (its counts are then NULL, and trigger_reason says so)."""
+    row = {
+        **key,
+        "prompt_id": prompt.entry.prompt_id,
+        "batch_position": prompt.entry.position,
+        "epoch": prompt.entry.epoch,
+        "modality": prompt.row["modality"],
+        "question_type": prompt.row["question_type"],
+        "gold_letter": prompt.item.gold_letter,
+        "training_prompt": prompt.training_prompt,
+        "sampling_seed": prompt.request.seed,
+    }
+    if outcome is None:
+        return {
+            **row,
+            "n_policy_correct": None,
+            "max_trigger_reward": None,
+            "triggered": False,
+            "trigger_reason": NO_POLICY_SAMPLES,
+            "n_attempts": 0,
+            "n_injected": 0,
+        }
+    return {
+        **row,
+        "n_policy_correct": sum(r.reward_accuracy == 1.0 for r in prompt.rewards),
+        "max_trigger_reward": outcome.max_trigger_reward,
+        "triggered": outcome.triggered,
+        "trigger_reason": outcome.trigger_reason,
+        "n_attempts": outcome.n_attempts,
+        "n_injected": len(outcome.injections),
+    }
 
-        advantages = group_advantages(
-            torch.tensor([r["reward_total"] for _, r in trained], dtype=torch.float64),
-            torch.tensor([r["_group"] for _, r in trained], dtype=torch.int64),
-            estimator=algo.advantage_estimator,
-            scale_by_std=algo.scale_by_std,
-        )
-        for (_, row), adv in zip(trained, advantages.tolist(), strict=True):
-            row["advantage"] = float(adv)
-            row["gate_open"] = algo.name == "kepo" and gate_is_open(
-                _record(row), tau=gate.tau, comparator=gate.comparator, reward_part=gate.reward_part
-            )
 
-    # Log-probs under the plain prompt x (eq. 7), for every trained row.
-    def plain_requests(rows: Sequence[tuple[_Prompt, dict[str, Any]]]) -> list[GenerationRequest]:
-        return [
+def hint_record(
+    key: dict[str, Any], prompt_id: str, teacher: str, hint: HintRecord
+) -> dict[str, Any]:
+    """The `hints` row of a triggered prompt."""
+    return {
+        **key,
+        "prompt_id": prompt_id,
+        "teacher": teacher,
+        "hint_prompt": hint.hint_prompt,
+        "raw_output": hint.raw_output,
+        "hint_text": hint.hint_text,
+        "parse_ok": hint.parse_ok,
+        "parse_reason": hint.parse_reason,
+        "malformed_rule": hint.malformed_rule,
+    }
+
+
+def attempt_records(
+    key: dict[str, Any], prompt_id: str, attempts: Sequence[AttemptSample]
+) -> list[dict[str, Any]]:
+    """The `hint_attempts` rows of one prompt."""
+    return [
+        {
+            **key,
+            "prompt_id": prompt_id,
+            "attempt_id": a.attempt_id,
+            "attempt_idx": a.attempt_idx,
+            "k_idx": a.k_idx,
+            "generation_prompt": a.generation_prompt,
+            "completion_text": a.completion.text,
+            "completion_ids": list(a.completion.token_ids),
+            "sampled_logprobs": [float(x) for x in a.completion.logprobs],
+            **_reward_cols(a.reward),
+            "accepted": a.acceptable,
+            "attempt_accepted": a.attempt_accepted,
+            "injected": a.injected,
+            "leak_flag": a.leak_flag,
+            "finish_reason": a.completion.finish_reason,
+        }
+        for a in attempts
+    ]
+
+
+def assign_advantages_and_gates(
+    trajectories: Sequence[Trajectory],
+    *,
+    estimator: Literal["grpo", "rloo"],
+    scale_by_std: bool,
+    gate: Any | None,
+) -> list[Trajectory]:
+    """Copies of `trajectories` with `advantage` and `gate_open` set on the trained rows.
+
+    Advantages are computed per group over its trained rows from reward_total
+    (`kepo.losses.group_advantages`). gate: a `GateConfig` (tau, comparator, reward_part) for a
+    gated algorithm, whose trained rows get gate_open = `kepo.losses.quality_gate` of their
+    reward part; None for every other algorithm (all gates stay closed). Rows not trained keep
+    advantage None and a closed gate. No model and no I/O.
+    """
+    out = [Trajectory(t.group, dict(t.columns)) for t in trajectories]
+    trained = [t for t in out if t.trained]
+    if not trained:
+        return out
+    import torch
+
+    from kepo.losses import group_advantages, quality_gate
+
+    advantages = group_advantages(
+        torch.tensor([t.columns["reward_total"] for t in trained], dtype=torch.float64),
+        torch.tensor([t.group for t in trained], dtype=torch.int64),
+        estimator=estimator,
+        scale_by_std=scale_by_std,
+    )
+    if gate is None:
+        gates = [False] * len(trained)
+    else:
+        part = "reward_total" if gate.reward_part == "total" else "reward_accuracy"
+        gates = quality_gate(
+            torch.tensor([t.columns[part] for t in trained], dtype=torch.float64),
+            tau=gate.tau,
+            comparator=gate.comparator,
+        ).tolist()
+    for t, adv, gate_open in zip(trained, advantages.tolist(), gates, strict=True):
+        t.columns["advantage"] = float(adv)
+        t.columns["gate_open"] = bool(gate_open)
+    return out
+
+
+# ------------------------------------------------------------------------------ scoring passes
+def _plain_requests(
+    prompts: Sequence[_Prompt], rows: Sequence[Trajectory]
+) -> list[GenerationRequest]:
+    """Scoring requests under the PLAIN training prompt x (eq. 7), one per row."""
+    requests = []
+    for t in rows:
+        p = prompts[t.group]
+        requests.append(
             GenerationRequest(
-                f"{p.entry.prompt_id}#{r['sample_idx']}",
+                f"{p.entry.prompt_id}#{t.columns['sample_idx']}",
                 p.request.messages,
                 p.image,
                 p.request.seed,
             )
-            for p, r in rows
-        ]
-
-    if trained:
-        requests, ids = plain_requests(trained), [r["completion_ids"] for _, r in trained]
-        old = backends.get("student").score(requests, ids, desc="old log-probs")
-        for (_, row), s in zip(trained, old, strict=True):
-            row["old_logprobs"] = [float(x) for x in s.logprobs]
-        if algo.kl_coef > 0:
-            if not backends.is_given("reference") and _same_folder(
-                backends.path("reference"), backends.path("student")
-            ):
-                # the reference is policy version k itself: its log-probs are the old ones
-                for _, row in trained:
-                    row["ref_logprobs"] = list(row["old_logprobs"])
-            else:
-                ref = backends.get("reference").score(requests, ids, desc="reference log-probs")
-                for (_, row), s in zip(trained, ref, strict=True):
-                    row["ref_logprobs"] = [float(x) for x in s.logprobs]
-
-    topk_rows = []
-    gated = [(p, r) for p, r in trained if r["gate_open"]]
-    if algo.name == "kepo" and algo.distill.mode == "offline" and gated:
-        k = algo.distill.top_k
-        scores = backends.get("teacher").score(
-            plain_requests(gated),
-            [r["completion_ids"] for _, r in gated],
-            top_k=k,
-            desc="teacher top-k",
         )
-        for (p, r), s in zip(gated, scores, strict=True):
-            if s.topk_ids is None or s.topk_logprobs is None:
-                raise RuntimeError(
-                    "the teacher backend returned no top-k although top_k was asked for"
-                )
-            topk_rows.append(
-                {
-                    **key,
-                    "prompt_id": p.entry.prompt_id,
-                    "sample_idx": r["sample_idx"],
-                    "teacher": teacher,
-                    "k": k,
-                    "topk_ids": [list(map(int, t)) for t in s.topk_ids],
-                    "topk_logprobs": [[float(x) for x in t] for t in s.topk_logprobs],
-                }
-            )
+    return requests
 
-    for row in rollout_rows:
-        del row["_group"]
+
+def _score_old_and_reference(
+    prompts: Sequence[_Prompt],
+    trained: Sequence[Trajectory],
+    backends: _Backends,
+    *,
+    needs_reference: bool,
+) -> None:
+    """Old-policy log-probs of every trained row, and reference log-probs when needed."""
+    if not trained:
+        return
+    requests = _plain_requests(prompts, trained)
+    ids = [t.columns["completion_ids"] for t in trained]
+    old = backends.get("student").score(requests, ids, desc="old log-probs")
+    for t, s in zip(trained, old, strict=True):
+        t.columns["old_logprobs"] = [float(x) for x in s.logprobs]
+    if not needs_reference:
+        return
+    if not backends.is_given("reference") and _same_folder(
+        backends.path("reference"), backends.path("student")
+    ):
+        # the reference is policy version k itself: its log-probs are the old ones
+        for t in trained:
+            t.columns["ref_logprobs"] = list(t.columns["old_logprobs"])
+        return
+    ref = backends.get("reference").score(requests, ids, desc="reference log-probs")
+    for t, s in zip(trained, ref, strict=True):
+        t.columns["ref_logprobs"] = [float(x) for x in s.logprobs]
+
+
+def _score_teacher_topk(
+    key: dict[str, Any],
+    prompts: Sequence[_Prompt],
+    gated: Sequence[Trajectory],
+    backends: _Backends,
+    *,
+    k: int,
+    teacher: str,
+) -> list[dict[str, Any]]:
+    """`teacher_topk` rows: the teacher's top-k log-probs of every gated-open trained row."""
+    if not gated:
+        return []
+    scores = backends.get("teacher").score(
+        _plain_requests(prompts, gated),
+        [t.columns["completion_ids"] for t in gated],
+        top_k=k,
+        desc="teacher top-k",
+    )
+    rows = []
+    for t, s in zip(gated, scores, strict=True):
+        if s.topk_ids is None or s.topk_logprobs is None:
+            raise RuntimeError("the teacher backend returned no top-k although top_k was asked for")
+        rows.append(
+            {
+                **key,
+                "prompt_id": t.columns["prompt_id"],
+                "sample_idx": t.columns["sample_idx"],
+                "teacher": teacher,
+                "k": k,
+                "topk_ids": [list(map(int, ids)) for ids in s.topk_ids],
+                "topk_logprobs": [[float(x) for x in lp] for lp in s.topk_logprobs],
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------ tables
+def _build_tables(
+    run: Run,
+    iteration: int,
+    prompts: list[_Prompt],
+    outcomes: list[ExplorationOutcome] | None,
+    backends: _Backends,
+) -> dict[str, pa.Table]:
+    """Step 4: every table, with log-probs, advantages and gates. outcomes None: the algorithm
+    draws no policy samples, and only the `prompts` rows are written."""
+    cfg = run.config
+    g = cfg.rollout.group_size
+    algo = cfg.algorithm
+    spec = algo.spec
+    key = {"run_id": run.run_id, "iteration": iteration}
+    teacher = teacher_name(cfg.models.teacher)
+
+    prompt_rows, trajectories, hint_rows, attempt_rows = [], [], [], []
+    for gi, prompt in enumerate(prompts):
+        outcome = None if outcomes is None else outcomes[gi]
+        prompt_rows.append(prompt_record(key, prompt, outcome))
+        if outcome is None:
+            continue
+        pid = prompt.entry.prompt_id
+        trajectories += policy_trajectories(key, gi, prompt, outcome, g)
+        trajectories += injected_trajectories(key, gi, pid, outcome, g)
+        if outcome.hint is not None:
+            hint_rows.append(hint_record(key, pid, teacher, outcome.hint))
+        attempt_rows += attempt_records(key, pid, outcome.attempts)
+
+    trajectories = assign_advantages_and_gates(
+        trajectories,
+        estimator=algo.advantage_estimator,
+        scale_by_std=algo.scale_by_std,
+        gate=algo.distill.gate if spec.gated else None,
+    )
+    # the rows the trainer uses, scored under the plain prompt
+    trained = [t for t in trajectories if t.trained]
+    _score_old_and_reference(prompts, trained, backends, needs_reference=spec.needs_reference(algo))
+    topk_rows = (
+        _score_teacher_topk(
+            key,
+            prompts,
+            [t for t in trained if t.columns["gate_open"]],
+            backends,
+            k=algo.distill.top_k,
+            teacher=teacher,
+        )
+        if spec.stores_teacher_topk(algo)
+        else []
+    )
     rows = {
         PROMPTS.name: prompt_rows,
-        ROLLOUTS.name: rollout_rows,
+        ROLLOUTS.name: [t.columns for t in trajectories],
         HINTS.name: hint_rows,
         HINT_ATTEMPTS.name: attempt_rows,
         TEACHER_TOPK.name: topk_rows,
     }
     return {t.name: to_arrow(t, rows[t.name]) for t in ROLLOUT_TABLES}
-
-
-def _record(row: dict[str, Any]) -> RewardRecord:
-    return RewardRecord(
-        row["reward_format"],
-        row["reward_accuracy"],
-        row["reward_total"],
-        row["parsed_answer"],
-        row["parse_reason"],
-    )
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -751,9 +891,10 @@ __all__ = [
     "BatchEntry",
     "RolloutError",
     "RolloutResult",
+    "Trajectory",
+    "assign_advantages_and_gates",
     "commit_shards",
     "compute_rollout",
-    "gate_is_open",
     "iteration_batch",
     "rollout_shard",
     "run_rollout",

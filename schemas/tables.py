@@ -163,17 +163,26 @@ PROMPTS = Table(
             "int64",
             "Seed derived from (run, iteration, prompt) for this prompt's sampling.",
         ),
-        Col("n_policy_correct", "int32", "On-policy samples with accuracy reward 1.", ge=0),
+        Col(
+            "n_policy_correct",
+            "int32",
+            "On-policy samples with accuracy reward 1 (NULL when the algorithm draws none: "
+            "sft, gkd with λ = 0).",
+            ge=0,
+            nullable=True,
+        ),
         Col(
             "max_trigger_reward",
             "float64",
-            "Max over the G policy samples of the trigger reward part.",
+            "Max over the G policy samples of the trigger reward part (NULL without samples).",
+            nullable=True,
         ),
         Col("triggered", "bool", "Knowledge-enhanced exploration ran for this prompt."),
         Col(
             "trigger_reason",
             "string",
-            "Why it triggered or not (e.g. all_zero_total, batch_scope, not_all_zero, exploration_off).",
+            "Why it triggered or not (e.g. all_zero_total, batch_scope, not_all_zero, "
+            "exploration_off, no_policy_samples).",
             nullable=False,
         ),
         Col("n_attempts", "int32", "Hint-aware attempts made (each of K samples).", ge=0),

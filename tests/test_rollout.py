@@ -714,3 +714,88 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, curated_bundled):
     run = make_run(tmp_path, curated_bundled)
     with pytest.raises(RolloutError, match="no-student does not exist"):
         run_rollout(run, 0)
+
+
+# ------------------------------------------------------------------------------ advantages and gates
+def _trajectory(group: int, total: float, *, accuracy: float = 0.0, trained: bool = True):
+    from kepo.rollout import Trajectory
+
+    return Trajectory(
+        group,
+        {
+            "reward_total": total,
+            "reward_accuracy": accuracy,
+            "trained": trained,
+            "advantage": None,
+            "gate_open": False,
+        },
+    )
+
+
+def test_assign_advantages_and_gates_hand_values():
+    """Two prompts interleaved (groups need not be contiguous), one row replaced (not trained).
+    Group 0 trains totals (2, 1, 0): mean 1, unbiased std 1; group 1 trains (1, 1): std 0."""
+    from kepo.config import GateConfig
+    from kepo.rollout import assign_advantages_and_gates
+
+    rows = [
+        _trajectory(0, 2.0, accuracy=1.0),
+        _trajectory(1, 1.0),
+        _trajectory(0, 2.0, accuracy=1.0, trained=False),  # replaced: no advantage, gate closed
+        _trajectory(0, 1.0),
+        _trajectory(1, 1.0, accuracy=1.0),
+        _trajectory(0, 0.0),
+    ]
+    before = [dict(r.columns) for r in rows]
+
+    def run(**kw):
+        out = assign_advantages_and_gates(rows, **kw)
+        return [r.columns["advantage"] for r in out], [r.columns["gate_open"] for r in out]
+
+    s = 1.0 + 1e-4  # std + eps
+    adv, gates = run(estimator="grpo", scale_by_std=True, gate=GateConfig(tau=1.0, comparator=">="))
+    assert adv == pytest.approx([1 / s, 0.0, None, 0.0, 0.0, -1 / s], abs=1e-12)
+    assert gates == [True, True, False, True, True, False]
+    adv, gates = run(estimator="grpo", scale_by_std=False, gate=GateConfig(tau=1.0, comparator=">"))
+    assert adv == [1.0, 0.0, None, 0.0, 0.0, -1.0]
+    assert gates == [True, False, False, False, False, False]
+    # rloo: against the mean of the other trained rows of the group: 2 - 0.5, 1 - 1, 0 - 1.5
+    adv, gates = run(
+        estimator="rloo",
+        scale_by_std=False,
+        gate=GateConfig(tau=1.0, comparator=">=", reward_part="accuracy"),
+    )
+    assert adv == [1.5, 0.0, None, 0.0, 0.0, -1.5]
+    assert gates == [True, False, False, False, True, False]
+    # an algorithm without a gate (grpo, rloo, gkd): every gate stays closed
+    _, gates = run(estimator="grpo", scale_by_std=True, gate=None)
+    assert gates == [False] * 6
+    assert [r.columns for r in rows] == before  # the input rows are left as they were
+
+
+# ------------------------------------------------------------------------------ no policy samples
+@pytest.mark.parametrize(
+    "overrides",
+    [{"algorithm.name": "sft"}, {"algorithm.name": "gkd", "algorithm.gkd_lambda": 0.0}],
+    ids=["sft", "gkd-lambda0"],
+)
+def test_algorithms_without_policy_samples_generate_nothing(tmp_path, curated_bundled, overrides):
+    """SFT and MM-GKD with λ = 0 train on dataset targets only: the rollout stage records the
+    batch's prompts and never asks a backend for a sample or a score."""
+    from kepo.audit import prompt_story
+
+    run = make_run(tmp_path, curated_bundled, **overrides)
+    student, teacher = scripted_student(run), scripted_teacher()
+    result = run_rollout(run, 0, backend=student, teacher_backend=teacher)
+    assert student.calls == [] and teacher.calls == []
+    prompts = q(run, "SELECT * FROM prompts WHERE run_id = ? AND iteration = ?")
+    batch = iteration_batch(run.questions().train["question_id"].to_pylist(), P, 0, run.seed)
+    assert sorted(p["prompt_id"] for p in prompts) == sorted(e.prompt_id for e in batch)
+    assert result.written["prompts"] == P
+    for p in prompts:
+        assert p["trigger_reason"] == "no_policy_samples" and not p["triggered"]
+        assert p["n_policy_correct"] is None and p["max_trigger_reward"] is None
+    for table in ("rollouts", "hints", "hint_attempts", "teacher_topk"):
+        assert table_rows(run, table) == [], table
+    story = prompt_story(run.store, run.run_id, 0, prompts[0]["prompt_id"])
+    assert story["samples"] == [] and "no policy samples" in story["trigger"]["explanation"]

@@ -333,3 +333,27 @@ def test_every_table1_tiny_config_trains_one_iteration(
     present = {k for k in ("loss_pg", "loss_kl", "loss_distill", "loss_sft") if step[k] is not None}
     assert present == expected
     assert math.isfinite(step["loss_total"])
+
+
+@pytest.mark.parametrize(
+    "method,overrides,part",
+    [("sft", {}, "loss_sft"), ("gkd-lambda0", {"algorithm.gkd_lambda": 0.0}, "loss_distill")],
+)
+def test_targets_only_methods_train_after_a_rollout_that_loads_no_model(
+    tmp_path: Path, tiny_models, monkeypatch: pytest.MonkeyPatch, method, overrides, part
+) -> None:
+    """SFT and MM-GKD λ = 0: the rollout stage records the prompts without loading a model or
+    generating, and the trainer trains on one dataset target per prompt from those prompts."""
+    import kepo.rollout as rollout_mod
+
+    def no_model(*_a, **_kw):
+        raise AssertionError("the rollout stage loaded a model it never uses")
+
+    monkeypatch.setattr(rollout_mod, "_make_backend", no_model)
+    run = make_run(tiny_config(method, tmp_path, tiny_models, **overrides))
+    rollout_mod.run_rollout(run, 0)
+    assert run.store.read("rollouts", {"run_id": run.run_id}).num_rows == 0
+    result = train_iteration(run, 0)
+    assert result.n_sequences == run.config.rollout.prompts_per_iteration
+    step = _steps(run, 0)[0]
+    assert step[part] is not None and math.isfinite(step["loss_total"]) and not step["skipped"]
