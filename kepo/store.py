@@ -37,6 +37,19 @@ Rows = pa.Table | Sequence[Mapping[str, Any]]
 
 _READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 
+# Read-only connections (every query, `kepo sql` included) see the database file and nothing
+# else: no files, globs or URLs (`read_text`, `read_csv`, `glob`, `'s3://...'`), no extension
+# downloads or autoloads, no Python variables as tables; `lock_configuration` keeps a query from
+# turning any of it back on.
+_QUERY_CONNECTION_CONFIG = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "python_enable_replacements": False,
+    "lock_configuration": True,
+}
+
 
 class StoreError(RuntimeError):
     """A problem with the store that the user can act on (the message says how)."""
@@ -181,7 +194,11 @@ class Store:
         delay = 0.05
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
+                con = duckdb.connect(
+                    str(self.path),
+                    read_only=read_only,
+                    config=_QUERY_CONNECTION_CONFIG if read_only else {},
+                )
                 break
             except duckdb.IOException as err:
                 if "lock" not in str(err).lower():
@@ -270,7 +287,14 @@ class Store:
         """Run a read-only query (refuses statements other than SELECT/EXPLAIN)."""
         check_read_only(sql)
         with self.connect(read_only=True) as con:
-            return con.sql(sql, params=list(params) if params else None).to_arrow_table()
+            try:
+                return con.sql(sql, params=list(params) if params else None).to_arrow_table()
+            except duckdb.PermissionException as err:
+                raise StoreError(
+                    f"refused: {err}. Queries read the tables of {self.path} only (no files, "
+                    "URLs or extensions); to look at curated Parquet, use pyarrow or a duckdb "
+                    "session of your own"
+                ) from None
 
     def read(
         self,

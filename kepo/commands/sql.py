@@ -68,17 +68,17 @@ def sql(
         text = named_query(name) if name else query
         result = Store(db, lock_timeout_s=lock_timeout_s).query(text)  # type: ignore[arg-type]
     except StoreError as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {e}", soft_wrap=True)
         raise typer.Exit(1) from None
     except Exception as e:  # duckdb errors: bad column names etc.
-        err.print(f"[red]query failed:[/red] {e}")
+        err.print(f"[red]query failed:[/red] {e}", soft_wrap=True)
         raise typer.Exit(1) from None
     if as_json:
         for row in result.to_pylist():
             sys.stdout.write(json.dumps(row, default=str) + "\n")
     elif as_csv:
         buf = io.StringIO()
-        writer = csv.writer(buf)
+        writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(result.column_names)
         for row in result.to_pylist():
             writer.writerow(row.values())
