@@ -283,12 +283,16 @@ class Store:
         return written
 
     # -------------------------------------------------------------------- reads
-    def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
-        """Run a read-only query (refuses statements other than SELECT/EXPLAIN)."""
+    def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
+        """Run a read-only query (refuses statements other than SELECT/EXPLAIN).
+
+        `params`: values of its `?` placeholders (a sequence) or `$name` ones (a mapping).
+        """
         check_read_only(sql)
+        values = dict(params) if isinstance(params, Mapping) else list(params or ())
         with self.connect(read_only=True) as con:
             try:
-                return con.sql(sql, params=list(params) if params else None).to_arrow_table()
+                return con.sql(sql, params=values or None).to_arrow_table()
             except duckdb.PermissionException as err:
                 raise StoreError(
                     f"refused: {err}. Queries read the tables of {self.path} only (no files, "

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kepo.curate import QuestionSet
+from kepo.dataset import QuestionSet
 from kepo.losses import sft_loss
 from kepo.models import build_sequence_batch, completion_logits, completion_mask_of, load_policy
 from kepo.objectives import dataset_target_text

@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from kepo.cli import app
-from kepo.commands.sql import DASHBOARDS_DIR, named_query
 from kepo.config import RunConfig
+from kepo.queries import DASHBOARDS_DIR, named_query
 from kepo.store import Store
 from schemas.tables import MODALITIES
 
