@@ -223,6 +223,7 @@ class Store:
     def _ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
         for table in STORE_TABLES.values():
             con.execute(table.duckdb_ddl())
+        _ensure_comments(con)
 
     def initialize(self) -> None:
         """Create the file and every declared table."""
@@ -403,6 +404,41 @@ class Store:
             STAGES_TABLE.name, {"run_id": run_id, "iteration": iteration, "stage": stage}
         )
         return rows.column("status")[0].as_py() if rows.num_rows else None
+
+
+def _ensure_comments(con: duckdb.DuckDBPyConnection) -> None:
+    """Attach the declared descriptions as DuckDB comments where they are missing or stale
+    (databases created before comments, or after a description changed)."""
+    have: dict[tuple[str, str | None], str | None] = {
+        (t, None): comment
+        for t, comment in con.execute(
+            "SELECT table_name, comment FROM duckdb_tables() WHERE schema_name = 'main'"
+        ).fetchall()
+    }
+    have.update(
+        ((t, c), comment)
+        for t, c, comment in con.execute(
+            "SELECT table_name, column_name, comment FROM duckdb_columns() "
+            "WHERE schema_name = 'main'"
+        ).fetchall()
+    )
+    stale = [
+        statement
+        for table in STORE_TABLES.values()
+        for column, statement in table.duckdb_comments().items()
+        if have.get((table.name, column))
+        != (table.description if column is None else table.column(column).description)
+    ]
+    if not stale:
+        return
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for statement in stale:
+            con.execute(statement)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
 
 
 def _store_table(name: str) -> Table:
