@@ -103,3 +103,26 @@ def test_the_database_file_itself_still_opens_from_another_directory(
     finally:
         os.chdir(cwd)
     assert rows.to_pylist() == [{"n": 0}]
+
+
+def test_named_queries_take_parameters_and_can_be_listed(db: Path) -> None:
+    from kepo.config import RunConfig, StudyTag
+    from kepo.queries import query_names
+
+    store = Store(db)
+    for run_id, study in (("s-a", "s"), ("t-a", "t")):
+        cfg = RunConfig(run_id=run_id, study=StudyTag(name=study, method="grpo"))
+        store.register_run(cfg)
+    runner = CliRunner()
+    args = ["sql", "--db", str(db), "--query", "study_runs", "--csv"]
+    result = runner.invoke(app, [*args, "--param", "study=t", "--param", "role=method"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "run_id,method,seed,method_label,in_domain_modality"
+    assert [line.split(",")[:3] for line in lines[1:]] == [["t-a", "grpo", "0"]]
+    result = runner.invoke(app, [*args, "--param", "study=t"])  # role missing
+    assert result.exit_code == 1 and "role" in result.output
+    result = runner.invoke(app, [*args, "--param", "study"])
+    assert result.exit_code == 2 and "NAME=VALUE" in result.output
+    result = runner.invoke(app, ["sql", "--db", str(db), "--query", "list"])
+    assert result.stdout.split() == query_names() and "study_summary" in query_names()
