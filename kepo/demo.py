@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,11 @@ from kepo.warmup import WarmupSettings, warm_up_pair
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIGS = ("configs/demo/kepo.yaml", "configs/demo/grpo.yaml")
+# The demo's run configs, read from the installed `configs` package (the repository's configs/).
+DEMO_CONFIGS = tuple(
+    str(Path(str(resources.files("configs"))) / "demo" / name)
+    for name in ("kepo.yaml", "grpo.yaml")
+)
 
 # Named queries (dashboards/) the demo prints and suggests, with what each shows.
 EXAMPLE_QUERIES = (
