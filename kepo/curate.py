@@ -61,6 +61,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+import kepo.progress
 from kepo.bundled import BUNDLED_FORMAT_VERSION, build_bundled
 from kepo.config import CurationConfig
 from kepo.omnimedvqa import OMNIMEDVQA_MODALITY_STRINGS, QA_SUBDIR
@@ -450,21 +451,16 @@ def _map_with_progress(
     progress: bool,
     label: str,
 ) -> list[Any]:
-    """`[fn(x) for x in items]` on a thread pool (I/O bound), with a rich bar when asked."""
+    """`[fn(x) for x in items]` on a thread pool (I/O bound), with progress shown when asked."""
     if not items:
         return []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         it: Iterable[Any] = pool.map(fn, items)
-        if not progress:
-            return list(it)
-        from rich.progress import Progress  # only the CLI asks for a bar
-
         out = []
-        with Progress(transient=True) as bar:
-            task = bar.add_task(label, total=len(items))
+        with kepo.progress.progress(len(items), label, unit="images", enabled=progress) as advance:
             for value in it:
                 out.append(value)
-                bar.advance(task)
+                advance()
         return out
 
 
