@@ -305,3 +305,17 @@ def test_accuracy_per_modality(db: Path) -> None:
         ("run-a", "CT", 1),
         ("run-a", "Dermoscopy", 0),
     ]
+
+
+def test_the_demo_summary_prints_named_queries(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kepo demo`'s closing summary (the flow itself replaced by the dashboard fixture)."""
+    import flows.demo
+
+    report = db.parent / "report.html"
+    monkeypatch.setattr(flows.demo, "kepo_demo", lambda **_: {"db": str(db), "report": str(report)})
+    result = CliRunner().invoke(app, ["demo", "--workdir", str(db.parent)])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "run-a" in out and "46.88" in out  # Table 1
+    assert f"kepo sql --db {db} --query hints_never_accepted" in out
+    assert "duckdb_columns()" in out
