@@ -1,5 +1,5 @@
 """Progress of long work: periodic log lines with done / total and an estimate when stderr is
-not a terminal, one helper for every long loop, and the CLI shows kepo's log lines."""
+not a terminal, one progress function for every long loop, and the CLI shows kepo's log lines."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_progress_line_formats() -> None:
     )
 
 
-def test_one_progress_helper_for_every_long_loop() -> None:
+def test_one_progress_function_for_every_long_loop() -> None:
     """Warm-up, training, generation (rollout, evaluation) and curation report progress through
     kepo/progress.py; no other module builds its own rich bar."""
     users = {
