@@ -101,7 +101,7 @@ def real_rollouts(
     student: Path, workdir: Path, cfg: Any, args: argparse.Namespace
 ) -> dict[str, Any]:
     """The warmed-up student's samples on curated train prompts, with their real rewards."""
-    from kepo.curate import QuestionSet
+    from kepo.dataset import QuestionSet
     from kepo.generation import GenerationRequest, SamplingParams
     from kepo.generation.hf import HFBackend
     from kepo.prompts import build_messages

@@ -127,7 +127,7 @@ def make_batch(processor: Any, args: argparse.Namespace) -> Batch:
 
 # ------------------------------------------------------------------------------ our side
 class _Images:
-    """Stands in for kepo.curate.QuestionSet: the trainer only asks it for images."""
+    """Stands in for kepo.dataset.QuestionSet: the trainer only asks it for images."""
 
     def __init__(self, batch: Batch) -> None:
         self._by_id = {

@@ -50,7 +50,7 @@ from PIL import Image
 from scipy import ndimage
 
 from kepo.config import BundledDatasetConfig, DifficultyConfig, OptionOrder
-from kepo.curate import OMNIMEDVQA_MODALITY_STRINGS, QA_SUBDIR
+from kepo.omnimedvqa import OMNIMEDVQA_MODALITY_STRINGS, QA_SUBDIR
 from schemas.tables import LETTERS, MODALITIES
 
 log = logging.getLogger(__name__)

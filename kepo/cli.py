@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import typer
 
 from kepo.commands import audit as audit_cmd
@@ -27,6 +30,30 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """KEPO post-training pipeline: curate, roll out, train, evaluate, audit (tables in DuckDB)."""
+    _show_kepo_log()
+
+
+class _FallbackHandler(logging.StreamHandler):
+    """Prints kepo's records on the current sys.stderr when the root logger has no handler of
+    its own; otherwise (Prefect's console in demo / run / study, basicConfig in train / eval,
+    a test runner) the record propagates there and is shown once."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _show_kepo_log() -> None:
+    """kepo's INFO lines (progress of long work when stderr is not a terminal, stage
+    summaries) are shown by every command."""
+    logger = logging.getLogger("kepo")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _FallbackHandler) for h in logger.handlers):
+        handler = _FallbackHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
 
 
 app.command("sql")(sql_cmd.sql)

@@ -469,8 +469,155 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------- TRL names
+# A `trl:` section (or `--set trl.NAME=VALUE`) accepts TRL's GRPOConfig / GKDConfig names where
+# they mean what the kepo setting means; the README's "Coming from TRL or verl" table lists them
+# with the differences that remain (kepo's log-probs are raw, TRL divides logits by the sampling
+# temperature). Each file (and the --set list) is translated on its own, before files are merged,
+# so a `trl:` name in a run file overrides its base file like the kepo name would.
+TRL_ALIASES: dict[str, str] = {
+    "num_generations": "rollout.group_size",
+    "max_completion_length": "rollout.sampling.max_new_tokens",
+    "temperature": "rollout.sampling.temperature",
+    "top_p": "rollout.sampling.top_p",
+    "top_k": "rollout.sampling.top_k",
+    "beta": "algorithm.kl_coef",
+    "epsilon": "algorithm.clip_eps_low",
+    "epsilon_high": "algorithm.clip_eps_high",
+    "scale_rewards": "algorithm.scale_by_std",
+    "loss_type": "algorithm.loss_aggregation",
+    "lmbda": "algorithm.gkd_lambda",
+    "num_iterations": "train.passes",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "learning_rate": "train.learning_rate",
+    "weight_decay": "train.weight_decay",
+    "warmup_steps": "train.warmup_steps",
+    "max_grad_norm": "train.max_grad_norm",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+}
+
+# TRL names (or values) that are not aliases, and why: what to write instead.
+TRL_NOT_ALIASED: dict[str, str] = {
+    "scale_rewards=batch": "kepo scales advantages by the group std only (algorithm.scale_by_std)",
+    "loss_type=bnpo": "kepo normalises by the tokens of the whole optimizer step, never of one "
+    "micro-batch; loss_type dapo (algorithm.loss_aggregation: token_mean) is that",
+    "loss_type=dr_grpo": "TRL divides the token sum by max_completion_length; the nearest kepo "
+    "setting, algorithm.loss_aggregation: seq_mean_token_sum, does not",
+    "delta": "no two-sided clip bound in kepo",
+    "importance_sampling_level": "kepo's ratios are per token",
+    "mask_truncated_completions": "kepo trains on truncated completions (finish_reason = length)",
+    "steps_per_generation": "one rollout per iteration; its rows are cut into optimizer steps of "
+    "train.micro_batch_size x train.grad_accum_steps x processes",
+    "generation_batch_size": "rollout.prompts_per_iteration x rollout.group_size rows per rollout",
+    "num_train_epochs": "a run is `iterations` rollout -> train cycles",
+    "max_steps": "a run is `iterations` rollout -> train cycles",
+    "max_prompt_length": "prompts are not truncated",
+    "lr_scheduler_type": "train.lr_schedule (constant keeps train.warmup_steps, like "
+    "constant_with_warmup)",
+    "bf16": "train.mixed_precision: bf16",
+}
+
+_TRL_VALUES: dict[str, dict[Any, Any]] = {
+    "scale_rewards": {True: True, "group": True, False: False, "none": False},
+    "loss_type": {"grpo": "seq_mean_token_mean", "dapo": "token_mean"},
+}
+
+
+def _trl_value(name: str, value: Any, source: str) -> Any:
+    table = _TRL_VALUES.get(name)
+    if table is None:
+        return value
+    key = value.lower() if isinstance(value, str) else value
+    if isinstance(key, bool | str) and key in table:
+        return table[key]
+    why = TRL_NOT_ALIASED.get(f"{name}={key}")
+    known = ", ".join(str(k) for k in table)
+    raise ConfigError(
+        f"{source}: trl.{name}: {value!r} has no kepo equivalent"
+        + (f" ({why})" if why else "")
+        + f"; use one of {known}, or set {TRL_ALIASES[name]} directly"
+    )
+
+
+def _get_dotted(data: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def trl_settings(names: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """TRL names -> ({kepo dotted field: value}, {field: value implied unless given}).
+
+    One-line ConfigError for a name or value without a kepo equivalent. Implied: `epsilon`
+    without `epsilon_high` sets both clip bounds (TRL's epsilon_high defaults to epsilon), and
+    either turns clipping on (TRL always clips)."""
+    if not isinstance(names, dict):
+        raise ConfigError(f"{source}: trl: must be a mapping of TRL setting names to values")
+    settings: dict[str, Any] = {}
+    for name, value in names.items():
+        if name not in TRL_ALIASES:
+            why = TRL_NOT_ALIASED.get(name)
+            raise ConfigError(
+                f"{source}: trl.{name}: "
+                + (f"not an alias ({why})" if why else "not a TRL name kepo knows")
+                + f"; TRL names accepted: {', '.join(TRL_ALIASES)}"
+            )
+        settings[TRL_ALIASES[name]] = _trl_value(name, value, source)
+    implied: dict[str, Any] = {}
+    if "epsilon" in names or "epsilon_high" in names:
+        implied["algorithm.clip"] = True
+    if "epsilon" in names and "epsilon_high" not in names:
+        implied["algorithm.clip_eps_high"] = settings["algorithm.clip_eps_low"]
+    return settings, implied
+
+
+def _alias_disagrees(field: str, value: Any, given: Any, source: str) -> ConfigError:
+    name = next(n for n, f in TRL_ALIASES.items() if f == field)
+    return ConfigError(
+        f"{source}: trl.{name} sets {field} = {value!r} but {field} is also given as "
+        f"{given!r}; keep one of the two"
+    )
+
+
+def resolve_trl_section(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """One config layer with its `trl:` section written as kepo fields (an alias and its field
+    given with different values is an error)."""
+    if "trl" not in data:
+        return data
+    data = dict(data)
+    settings, implied = trl_settings(data.pop("trl") or {}, source)
+    for field, value in settings.items():
+        present, given = _get_dotted(data, field)
+        if present and given != value:
+            raise _alias_disagrees(field, value, given, source)
+        set_dotted(data, field, value)
+    for field, value in implied.items():
+        if not _get_dotted(data, field)[0]:
+            set_dotted(data, field, value)
+    return data
+
+
+def resolve_trl_overrides(overrides: dict[str, Any], source: str = "--set") -> dict[str, Any]:
+    """Dotted overrides with `trl.NAME` keys written as kepo fields (same rules as the section)."""
+    trl = {k.removeprefix("trl."): v for k, v in overrides.items() if k.startswith("trl.")}
+    out = {k: v for k, v in overrides.items() if not k.startswith("trl.")}
+    settings, implied = trl_settings(trl, source)
+    for field, value in settings.items():
+        if field in out and out[field] != value:
+            raise _alias_disagrees(field, value, out[field], source)
+        out[field] = value
+    for field, value in implied.items():
+        out.setdefault(field, value)
+    return out
+
+
 def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a config mapping; raises ConfigError with one line per problem."""
+    data = resolve_trl_section(data, source)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
@@ -497,8 +644,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise ConfigError(
             f"{path}: the top level must be a mapping of settings, got {type(data).__name__}"
         )
-    data = _resolve_includes(data, path.parent)
-    for key, value in (overrides or {}).items():
+    data = _resolve_includes(resolve_trl_section(data, str(path)), path.parent)
+    for key, value in resolve_trl_overrides(overrides or {}).items():
         set_dotted(data, key, value)
     return parse_config(data, str(path))
 
@@ -513,7 +660,9 @@ def _resolve_includes(data: dict[str, Any], base: Path) -> dict[str, Any]:
         raise ConfigError(
             f"base: {parent_path} does not exist; fix the 'base:' path (relative to the config file)"
         )
-    parent_data = yaml.safe_load(parent_path.read_text()) or {}
+    parent_data = resolve_trl_section(
+        yaml.safe_load(parent_path.read_text()) or {}, str(parent_path)
+    )
     parent_data = _resolve_includes(parent_data, parent_path.parent)
     return deep_merge(parent_data, data)
 

@@ -35,7 +35,7 @@ Outputs in DIR: train.parquet, test.parquet (schema `questions`), pool.parquet (
 train part of every modality, for warm-up or SFT; never shares an image with test),
 rejects.parquet (schema `rejects`), manifest.json (source file sha256s, settings, seeds, counts, real-image counts per
 modality, output sha256s, kepo version, dataset root). The manifest is written last, so a folder
-with a manifest is complete. `QuestionSet` reads a curated folder back.
+with a manifest is complete. `kepo.dataset.QuestionSet` reads a curated folder back.
 """
 
 from __future__ import annotations
@@ -47,12 +47,11 @@ import logging
 import math
 import os
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from functools import cached_property
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -62,27 +61,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+import kepo.progress
+from kepo.bundled import BUNDLED_FORMAT_VERSION, build_bundled
 from kepo.config import CurationConfig
+from kepo.omnimedvqa import OMNIMEDVQA_MODALITY_STRINGS, QA_SUBDIR
 from schemas.core import Table
 from schemas.tables import LETTERS, MODALITIES, QUESTION_TYPES, QUESTIONS, REJECTS
 
 log = logging.getLogger(__name__)
 
-QA_SUBDIR = PurePosixPath("QA_information/Open-access")
 MANIFEST_VERSION = 1
 UNKNOWN_MODALITY = "(unknown)"
-
-# The eight `modality_type` strings of the open-access release, verbatim (typos included).
-OMNIMEDVQA_MODALITY_STRINGS: dict[str, str] = {
-    "MR (Mag-netic Resonance Imaging)": "MRI",
-    "CT(Computed Tomography)": "CT",
-    "X-Ray": "X-Ray",
-    "ultrasound": "Ultrasound",
-    "Dermoscopy": "Dermoscopy",
-    "Fundus Photography": "Fundus",
-    "OCT (Optical Coherence Tomography": "OCT",
-    "Microscopy Images": "Microscopy",
-}
 
 # Bundled (MiniMedVQA) defaults for `kepo curate bundled`; the CurationConfig defaults are the paper's.
 BUNDLED_OUT_DIR = Path("data/minimedvqa")
@@ -462,21 +451,16 @@ def _map_with_progress(
     progress: bool,
     label: str,
 ) -> list[Any]:
-    """`[fn(x) for x in items]` on a thread pool (I/O bound), with a rich bar when asked."""
+    """`[fn(x) for x in items]` on a thread pool (I/O bound), with progress shown when asked."""
     if not items:
         return []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         it: Iterable[Any] = pool.map(fn, items)
-        if not progress:
-            return list(it)
-        from rich.progress import Progress  # only the CLI asks for a bar
-
         out = []
-        with Progress(transient=True) as bar:
-            task = bar.add_task(label, total=len(items))
+        with kepo.progress.progress(len(items), label, unit="images", enabled=progress) as advance:
             for value in it:
                 out.append(value)
-                bar.advance(task)
+                advance()
         return out
 
 
@@ -666,8 +650,6 @@ def curation_settings(cfg: CurationConfig, *, source: str, root: Path | None) ->
     settings: dict[str, Any] = {"source": source, "manifest_version": MANIFEST_VERSION}
     settings.update(cfg.model_dump(mode="json", include=set(_SETTINGS_KEYS)))
     if source == "bundled":
-        from kepo.bundled import BUNDLED_FORMAT_VERSION  # lazy: bundled imports this module
-
         settings["bundled"] = cfg.bundled.model_dump(mode="json")
         settings["bundled_format"] = BUNDLED_FORMAT_VERSION
         settings["kepo_version"] = kepo_version()
@@ -789,8 +771,6 @@ def curate_omnimedvqa(
 
 def curate_bundled(out_dir: Path, cfg: CurationConfig, *, progress: bool = False) -> CurationResult:
     """Build MiniMedVQA into out_dir/source (OmniMedVQA layout), then curate it like OmniMedVQA."""
-    from kepo.bundled import build_bundled  # lazy: bundled imports this module
-
     t0 = time.perf_counter()
     source = build_bundled(Path(out_dir) / "source", cfg.bundled)
     result = _curate(source, Path(out_dir), cfg, source="bundled", progress=progress)
@@ -867,133 +847,3 @@ def ensure_curated(cfg: CurationConfig, *, progress: bool = False) -> CurationRe
         return CurationResult.from_manifest(cfg.out_dir, reused=True)
     log.info("curating into %s (%s)", cfg.out_dir, status.reason)
     return curate(cfg, progress=progress)
-
-
-# ------------------------------------------------------------------------------ reading back
-def read_questions(path: Path | str) -> pa.Table:
-    """A curated train/test Parquet file, checked against the `questions` schema."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no such file; run `kepo curate bundled` or `kepo curate omnimedvqa`"
-        )
-    tbl = pq.read_table(path)
-    if tbl.schema.names != QUESTIONS.column_names:
-        raise CurationError(
-            f"{path}: columns {tbl.schema.names} differ from the questions schema; re-run kepo curate"
-        )
-    tbl = tbl.cast(QUESTIONS.arrow_schema())
-    QUESTIONS.pandera_schema().validate(tbl)
-    return tbl
-
-
-def load_image(row: Mapping[str, Any], root: Path | str | None = None) -> Image.Image:
-    """The RGB image of a question row: its embedded bytes, else root/image_path.
-
-    `root` is the dataset root recorded in the curated folder's manifest.json (`QuestionSet`
-    resolves it for you). Embedded images are already resized; files are returned as stored.
-    """
-    data = row.get("image_bytes")
-    if data:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
-    qid = row.get("question_id")
-    if root is None:
-        raise CurationError(
-            f"question {qid}: no embedded image and no dataset root; pass root= (manifest.json's "
-            "dataset_root) or curate with --embed-images"
-        )
-    path = Path(root) / row["image_path"]
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"question {qid}: image {path} not found; the dataset root moved or was deleted — "
-            "restore it or re-curate (--embed-images makes the Parquet self-contained)"
-        )
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
-@dataclass
-class QuestionSet:
-    """A curated folder: `.train` / `.test` tables, `.manifest`, and `.image(question_id)`.
-
-    >>> qs = QuestionSet("data/minimedvqa")
-    >>> row = qs.row(qs.test["question_id"][0].as_py()); img = qs.image(row["question_id"])
-    """
-
-    curated_dir: Path
-    cache_size: int = 256
-    _cache: OrderedDict[str, Image.Image] = field(default_factory=OrderedDict, repr=False)
-
-    def __post_init__(self) -> None:
-        self.curated_dir = Path(self.curated_dir)
-        if not (self.curated_dir / "manifest.json").is_file():
-            raise FileNotFoundError(
-                f"{self.curated_dir}: no manifest.json; curate first (kepo curate bundled --out "
-                f"{self.curated_dir})"
-            )
-
-    @cached_property
-    def manifest(self) -> dict[str, Any]:
-        return json.loads((self.curated_dir / "manifest.json").read_text())
-
-    @cached_property
-    def root(self) -> Path:
-        """The dataset root images are read from (relative manifest paths resolve here)."""
-        root = Path(self.manifest["dataset_root"])
-        return root if root.is_absolute() else self.curated_dir / root
-
-    @cached_property
-    def train(self) -> pa.Table:
-        return read_questions(self.curated_dir / "train.parquet")
-
-    @cached_property
-    def test(self) -> pa.Table:
-        return read_questions(self.curated_dir / "test.parquet")
-
-    @cached_property
-    def pool(self) -> pa.Table:
-        """The whole train part of every modality (train is a sample of its in-domain part)."""
-        path = self.curated_dir / "pool.parquet"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: missing; re-curate this folder with this kepo version"
-            )
-        return read_questions(path)
-
-    @cached_property
-    def rejects(self) -> pa.Table:
-        return pq.read_table(self.curated_dir / "rejects.parquet")
-
-    @cached_property
-    def _index(self) -> dict[str, tuple[str, int]]:
-        index: dict[str, tuple[str, int]] = {}
-        for split in ("train", "test"):
-            for i, qid in enumerate(getattr(self, split).column("question_id").to_pylist()):
-                index[qid] = (split, i)
-        if (self.curated_dir / "pool.parquet").is_file():
-            for i, qid in enumerate(self.pool.column("question_id").to_pylist()):
-                index.setdefault(qid, ("pool", i))
-        return index
-
-    def row(self, question_id: str) -> dict[str, Any]:
-        """One question as a dict of column values."""
-        try:
-            split, i = self._index[question_id]
-        except KeyError:
-            raise KeyError(
-                f"question {question_id!r} is in neither train nor test of {self.curated_dir}"
-            ) from None
-        return getattr(self, split).slice(i, 1).to_pylist()[0]
-
-    def image(self, question_id: str) -> Image.Image:
-        """The question's RGB image (a copy; the most recent `cache_size` images are cached)."""
-        img = self._cache.get(question_id)
-        if img is None:
-            img = load_image(self.row(question_id), self.root)
-            self._cache[question_id] = img
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(question_id)
-        return img.copy()

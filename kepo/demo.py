@@ -10,33 +10,27 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kepo.curate import QuestionSet
+from kepo.dataset import QuestionSet
 from kepo.tiny import build_tiny_pair, corpus_from_parquet
 from kepo.warmup import WarmupSettings, warm_up_pair
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIGS = ("configs/demo/kepo.yaml", "configs/demo/grpo.yaml")
+# The demo's run configs, read from the installed `configs` package (the repository's configs/).
+DEMO_CONFIGS = tuple(
+    str(Path(str(resources.files("configs"))) / "demo" / name)
+    for name in ("kepo.yaml", "grpo.yaml")
+)
 
+# Named queries (dashboards/) the demo prints and suggests, with what each shows.
 EXAMPLE_QUERIES = (
-    (
-        "exploration per iteration",
-        "SELECT run_id, iteration, count(*) AS prompts, sum(triggered::INT) AS triggered, "
-        "sum(n_injected) AS injected FROM prompts GROUP BY ALL ORDER BY ALL",
-    ),
-    (
-        "hints that never led to an accepted sample",
-        "SELECT h.run_id, h.iteration, h.prompt_id, h.hint_text FROM hints h JOIN prompts p "
-        "USING (run_id, iteration, prompt_id) WHERE p.n_injected = 0",
-    ),
-    (
-        "accuracy per modality per checkpoint",
-        "SELECT run_id, iteration, modality, round(100 * accuracy, 1) AS acc FROM eval_metrics "
-        "ORDER BY run_id, modality, iteration",
-    ),
+    ("exploration", "knowledge-enhanced exploration per run and iteration"),
+    ("hints_never_accepted", "hints that never led to an accepted sample"),
+    ("accuracy_per_modality", "accuracy per modality per checkpoint"),
 )
 
 

@@ -1,7 +1,7 @@
 """The run report: one self-contained HTML file built from the named SQL in `dashboards/`.
 
 `build_report(db_path, out_path, runs=None)` runs the dashboards' queries (the same text
-`kepo sql --query NAME` runs, read with `kepo.commands.sql.named_query`), so every number in the
+`kepo sql --query NAME` runs, read with `kepo.queries.named_query`), so every number in the
 report is one a user can reproduce in SQL. Sections:
 
 1. Runs: run id, method, algorithm, in-domain modality, last evaluated checkpoint.
@@ -39,7 +39,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from kepo.commands.sql import DASHBOARDS_DIR, named_query
+from kepo.queries import has_query, named_query
 from kepo.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def _query(store: Store, name: str, runs: Sequence[str]) -> list[dict[str, Any]]
 
 def _optional_query(store: Store, name: str, runs: Sequence[str]) -> list[dict[str, Any]] | str:
     """Rows of a query another stage ships, or a sentence saying why there are none."""
-    if not (DASHBOARDS_DIR / f"{name}.sql").is_file():
+    if not has_query(name):
         return f"dashboards/{name}.sql is not available"
     try:
         return _query(store, name, runs)
@@ -537,7 +537,7 @@ def study_section(store: Store, study: str) -> str:
             '<p class="note">Accuracy in %, mean ± sample standard deviation over seeds at the '
             "last evaluated checkpoint (no ± with one seed). Avg OOD is the mean over the seven "
             "other modalities. The teacher row is the warmed-up teacher evaluated once, for "
-            "reference. SQL: <code>kepo.study.SUMMARY_SQL</code>.</p>"
+            "reference. SQL: <code>dashboards/study_summary.sql</code>.</p>"
         )
     else:
         parts.append(_empty("no evaluations of the study's runs yet"))

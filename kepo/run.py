@@ -60,9 +60,9 @@ class Run:
 
     # ---------------------------------------------------------------- data
     def questions(self) -> Any:
-        """The curated dataset (kepo.curate.QuestionSet), opened once per handle."""
+        """The curated dataset (kepo.dataset.QuestionSet), opened once per handle."""
         if self._questions is None:
-            from kepo.curate import QuestionSet
+            from kepo.dataset import QuestionSet
 
             self._questions = QuestionSet(self.config.data.out_dir)
         return self._questions

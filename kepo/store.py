@@ -37,6 +37,19 @@ Rows = pa.Table | Sequence[Mapping[str, Any]]
 
 _READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 
+# Read-only connections (every query, `kepo sql` included) see the database file and nothing
+# else: no files, globs or URLs (`read_text`, `read_csv`, `glob`, `'s3://...'`), no extension
+# downloads or autoloads, no Python variables as tables; `lock_configuration` keeps a query from
+# turning any of it back on.
+_QUERY_CONNECTION_CONFIG = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "python_enable_replacements": False,
+    "lock_configuration": True,
+}
+
 
 class StoreError(RuntimeError):
     """A problem with the store that the user can act on (the message says how)."""
@@ -181,7 +194,11 @@ class Store:
         delay = 0.05
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
+                con = duckdb.connect(
+                    str(self.path),
+                    read_only=read_only,
+                    config=_QUERY_CONNECTION_CONFIG if read_only else {},
+                )
                 break
             except duckdb.IOException as err:
                 if "lock" not in str(err).lower():
@@ -206,6 +223,7 @@ class Store:
     def _ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
         for table in STORE_TABLES.values():
             con.execute(table.duckdb_ddl())
+        _ensure_comments(con)
 
     def initialize(self) -> None:
         """Create the file and every declared table."""
@@ -266,11 +284,22 @@ class Store:
         return written
 
     # -------------------------------------------------------------------- reads
-    def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
-        """Run a read-only query (refuses statements other than SELECT/EXPLAIN)."""
+    def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
+        """Run a read-only query (refuses statements other than SELECT/EXPLAIN).
+
+        `params`: values of its `?` placeholders (a sequence) or `$name` ones (a mapping).
+        """
         check_read_only(sql)
+        values = dict(params) if isinstance(params, Mapping) else list(params or ())
         with self.connect(read_only=True) as con:
-            return con.sql(sql, params=list(params) if params else None).to_arrow_table()
+            try:
+                return con.sql(sql, params=values or None).to_arrow_table()
+            except duckdb.PermissionException as err:
+                raise StoreError(
+                    f"refused: {err}. Queries read the tables of {self.path} only (no files, "
+                    "URLs or extensions); to look at curated Parquet, use pyarrow or a duckdb "
+                    "session of your own"
+                ) from None
 
     def read(
         self,
@@ -375,6 +404,41 @@ class Store:
             STAGES_TABLE.name, {"run_id": run_id, "iteration": iteration, "stage": stage}
         )
         return rows.column("status")[0].as_py() if rows.num_rows else None
+
+
+def _ensure_comments(con: duckdb.DuckDBPyConnection) -> None:
+    """Attach the declared descriptions as DuckDB comments where they are missing or stale
+    (databases created before comments, or after a description changed)."""
+    have: dict[tuple[str, str | None], str | None] = {
+        (t, None): comment
+        for t, comment in con.execute(
+            "SELECT table_name, comment FROM duckdb_tables() WHERE schema_name = 'main'"
+        ).fetchall()
+    }
+    have.update(
+        ((t, c), comment)
+        for t, c, comment in con.execute(
+            "SELECT table_name, column_name, comment FROM duckdb_columns() "
+            "WHERE schema_name = 'main'"
+        ).fetchall()
+    )
+    stale = [
+        statement
+        for table in STORE_TABLES.values()
+        for column, statement in table.duckdb_comments().items()
+        if have.get((table.name, column))
+        != (table.description if column is None else table.column(column).description)
+    ]
+    if not stale:
+        return
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for statement in stale:
+            con.execute(statement)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
 
 
 def _store_table(name: str) -> Table:

@@ -23,14 +23,14 @@ Choices
   same items, so its predictions are computed once and copied to the other runs
   (`share_initial_eval`); the evaluation stage still runs for each and finds them complete.
 
-Summary queries (SQL over the store, study runs found by their tag):
-- `summary_table`: per method, mean and sample standard deviation over seeds of in-domain
+Summary queries (the named queries `dashboards/study_*.sql`, study runs found by their tag):
+- `summary_table` (`study_summary`): per method, mean and sample standard deviation over seeds of in-domain
   accuracy, the OOD average and the overall average at each run's last evaluated checkpoint.
-- `curves`: the same per evaluated checkpoint (Figure 2 style).
-- `all_zero_rates`: per method and iteration, the share of prompts whose G on-policy samples
+- `curves` (`study_curves`): the same per evaluated checkpoint (Figure 2 style).
+- `all_zero_rates` (`study_all_zero`): per method and iteration, the share of prompts whose G on-policy samples
   all have accuracy reward 0 (`prompts.n_policy_correct = 0`), pooled over seeds: the learning
   cliff, measured before exploration injects anything.
-- `exploration_rates`: per method and iteration, prompts that triggered exploration and the
+- `exploration_rates` (`study_exploration`): per method and iteration, prompts that triggered exploration and the
   share of those that got at least one hint-aware trajectory injected (acceptance).
 """
 
@@ -45,6 +45,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kepo.config import ConfigError, DifficultyConfig, Modality, deep_merge, load_config
+from kepo.queries import run_query
 from kepo.store import Store
 
 # Keys the study sets on every run; neither the study's nor a method's overrides may set them.
@@ -365,7 +366,7 @@ def share_initial_evaluation(store: Store, source_run: str, target_run: str) -> 
             f"runs {source_run} and {target_run} differ in student, prompts, data or evaluation "
             "settings, so checkpoint 0's predictions cannot be shared; set share_initial_eval: false"
         )
-    from kepo.curate import QuestionSet
+    from kepo.dataset import QuestionSet
 
     wanted = select_items(QuestionSet(target.data.out_dir).test, target.eval.max_items_per_modality)
     expected = sum(len(v) for v in wanted.values())
@@ -381,132 +382,13 @@ def share_initial_evaluation(store: Store, source_run: str, target_run: str) -> 
 
 
 # ------------------------------------------------------------------------------ summary
-_STUDY_RUNS = """
-study_runs AS (
-    SELECT
-        run_id, method_label, in_domain_modality, created_at,
-        json_extract_string(config_json, '$.study.method') AS method,
-        CAST(json_extract_string(config_json, '$.study.seed') AS BIGINT) AS seed
-    FROM runs
-    WHERE json_extract_string(config_json, '$.study.name') = ?
-      AND json_extract_string(config_json, '$.study.role') = ?
-),
-method_order AS (
-    SELECT method, min(created_at) AS first_created FROM study_runs GROUP BY method
-)"""
-
-_PER_RUN = """
-per_run AS (
-    SELECT
-        s.run_id, s.method, s.method_label, s.seed, m.iteration,
-        avg(m.accuracy) FILTER (WHERE m.modality = s.in_domain_modality) AS id_acc,
-        avg(m.accuracy) FILTER (WHERE m.modality <> s.in_domain_modality) AS ood_acc,
-        avg(m.accuracy) AS avg_acc,
-        count(*) AS n_modalities
-    FROM study_runs AS s
-    JOIN eval_metrics AS m ON m.run_id = s.run_id
-    GROUP BY ALL
-)"""
-
-SUMMARY_SQL = f"""
-WITH {_STUDY_RUNS}, {_PER_RUN},
-last_checkpoint AS (
-    SELECT run_id, max(iteration) AS iteration FROM per_run GROUP BY run_id
-)
-SELECT
-    p.method,
-    any_value(p.method_label) AS method_label,
-    count(*) AS n_seeds,
-    min(p.iteration) AS checkpoint,
-    max(p.iteration) AS max_checkpoint,
-    min(p.n_modalities) AS n_modalities,
-    round(100 * avg(p.id_acc), 2) AS id_mean,
-    round(100 * stddev_samp(p.id_acc), 2) AS id_sd,
-    round(100 * avg(p.ood_acc), 2) AS ood_mean,
-    round(100 * stddev_samp(p.ood_acc), 2) AS ood_sd,
-    round(100 * avg(p.avg_acc), 2) AS avg_mean,
-    round(100 * stddev_samp(p.avg_acc), 2) AS avg_sd
-FROM per_run AS p
-JOIN last_checkpoint AS l ON l.run_id = p.run_id AND l.iteration = p.iteration
-JOIN method_order AS o ON o.method = p.method
-GROUP BY p.method, o.first_created
-ORDER BY o.first_created, p.method
-"""
-
-CURVES_SQL = f"""
-WITH {_STUDY_RUNS}, {_PER_RUN}
-SELECT
-    p.method,
-    any_value(p.method_label) AS method_label,
-    p.iteration,
-    count(*) AS n_seeds,
-    round(100 * avg(p.id_acc), 2) AS id_mean,
-    round(100 * stddev_samp(p.id_acc), 2) AS id_sd,
-    round(100 * avg(p.ood_acc), 2) AS ood_mean,
-    round(100 * stddev_samp(p.ood_acc), 2) AS ood_sd
-FROM per_run AS p
-JOIN method_order AS o ON o.method = p.method
-GROUP BY p.method, o.first_created, p.iteration
-ORDER BY o.first_created, p.method, p.iteration
-"""
-
-ALL_ZERO_SQL = f"""
-WITH {_STUDY_RUNS}
-SELECT
-    s.method,
-    any_value(s.method_label) AS method_label,
-    p.iteration,
-    count(DISTINCT s.run_id) AS n_seeds,
-    count(*) AS n_prompts,
-    count(*) FILTER (WHERE p.n_policy_correct = 0) AS n_all_zero,
-    count(*) FILTER (WHERE p.n_policy_correct = 0) / count(*) AS all_zero_rate,
-    avg(p.n_policy_correct) AS mean_policy_correct
-FROM study_runs AS s
-JOIN prompts AS p ON p.run_id = s.run_id
-JOIN method_order AS o ON o.method = s.method
-GROUP BY s.method, o.first_created, p.iteration
-ORDER BY o.first_created, s.method, p.iteration
-"""
-
-EXPLORATION_SQL = f"""
-WITH {_STUDY_RUNS}
-SELECT
-    s.method,
-    any_value(s.method_label) AS method_label,
-    p.iteration,
-    count(*) AS n_prompts,
-    count(*) FILTER (WHERE p.triggered) AS n_triggered,
-    count(*) FILTER (WHERE p.triggered) / count(*) AS trigger_rate,
-    count(*) FILTER (WHERE p.n_injected > 0) AS n_accepted,
-    count(*) FILTER (WHERE p.n_injected > 0) / nullif(count(*) FILTER (WHERE p.triggered), 0)
-        AS acceptance_rate,
-    sum(p.n_attempts) AS n_attempts,
-    sum(p.n_injected) AS n_injected
-FROM study_runs AS s
-JOIN prompts AS p ON p.run_id = s.run_id
-JOIN method_order AS o ON o.method = s.method
-GROUP BY s.method, o.first_created, p.iteration
-ORDER BY o.first_created, s.method, p.iteration
-"""
-
-RUNS_SQL = f"""
-WITH {_STUDY_RUNS}
-SELECT run_id, method, seed, method_label, in_domain_modality FROM study_runs
-ORDER BY created_at, run_id
-"""
-
-
-def _rows(store: Store, sql: str, study: str, role: str = "method") -> list[dict[str, Any]]:
-    return store.query(sql, [study, role]).to_pylist()
+def _rows(store: Store, query: str, study: str, role: str = "method") -> list[dict[str, Any]]:
+    return run_query(store, query, {"study": study, "role": role}).to_pylist()
 
 
 def study_names(store: Store, runs: list[str] | None = None) -> list[str]:
     """Names of the studies with runs in the store (among `runs` when given), first-run order."""
-    rows = store.query(
-        "SELECT run_id, json_extract_string(config_json, '$.study.name') AS study FROM runs "
-        "WHERE json_extract_string(config_json, '$.study.name') IS NOT NULL "
-        "ORDER BY created_at, run_id"
-    ).to_pylist()
+    rows = run_query(store, "studies").to_pylist()
     names: list[str] = []
     for r in rows:
         if (runs is None or r["run_id"] in runs) and r["study"] not in names:
@@ -516,32 +398,32 @@ def study_names(store: Store, runs: list[str] | None = None) -> list[str]:
 
 def study_runs(store: Store, study: str, *, role: str = "method") -> list[dict[str, Any]]:
     """run_id, method, seed, method_label, in_domain_modality of the study's runs of `role`."""
-    return _rows(store, RUNS_SQL, study, role)
+    return _rows(store, "study_runs", study, role)
 
 
 def summary_table(store: Store, study: str) -> list[dict[str, Any]]:
     """One row per method: mean and SD over seeds at each run's last checkpoint (accuracy %)."""
-    return _rows(store, SUMMARY_SQL, study)
+    return _rows(store, "study_summary", study)
 
 
 def reference_table(store: Store, study: str) -> list[dict[str, Any]]:
     """The teacher reference run's accuracies, in the summary table's columns (no SD)."""
-    return _rows(store, SUMMARY_SQL, study, TEACHER_METHOD)
+    return _rows(store, "study_summary", study, TEACHER_METHOD)
 
 
 def curves(store: Store, study: str) -> list[dict[str, Any]]:
     """Per method and evaluated checkpoint: mean and SD over seeds of ID and OOD accuracy (%)."""
-    return _rows(store, CURVES_SQL, study)
+    return _rows(store, "study_curves", study)
 
 
 def all_zero_rates(store: Store, study: str) -> list[dict[str, Any]]:
     """Per method and iteration: share of prompts whose G policy samples were all wrong."""
-    return _rows(store, ALL_ZERO_SQL, study)
+    return _rows(store, "study_all_zero", study)
 
 
 def exploration_rates(store: Store, study: str) -> list[dict[str, Any]]:
     """Per method and iteration: prompts triggered and the share with a trajectory injected."""
-    return _rows(store, EXPLORATION_SQL, study)
+    return _rows(store, "study_exploration", study)
 
 
 __all__ = [

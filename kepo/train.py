@@ -96,6 +96,7 @@ from kepo.objectives import (
     online_divergence,
     sft_objective,
 )
+from kepo.progress import progress
 from kepo.prompts import PromptItem, build_messages, build_prompt_text
 from kepo.run import Run
 
@@ -746,9 +747,12 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
 
     step_rows: list[dict[str, Any]] = []
-    progress = _progress(accelerator.is_main_process)
-    with progress:
-        task = progress.add_task(f"train iteration {iteration}", total=len(plans))
+    with progress(
+        len(plans),
+        f"train iteration {iteration}",
+        unit="optimizer steps",
+        enabled=accelerator.is_main_process,
+    ) as advance:
         for plan in plans:
             step_rows.append(
                 _optimizer_step(
@@ -764,7 +768,7 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
                     iteration=iteration,
                 )
             )
-            progress.advance(task)
+            advance()
 
     accelerator.wait_for_everyone()
     version = iteration + 1
@@ -823,19 +827,6 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
             "es" if n_proc > 1 else "",
         )
     return result
-
-
-def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=not enabled,
-        transient=True,
-    )
 
 
 def _optimizer_step(

@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
-from kepo.curate import QuestionSet
+from kepo.dataset import QuestionSet
 from kepo.losses import sft_loss
 from kepo.models import build_sequence_batch, completion_logits, completion_mask_of, load_policy
 from kepo.objectives import dataset_target_text
+from kepo.progress import progress
 from kepo.prompts import PromptItem, build_messages
 
 log = logging.getLogger(__name__)
@@ -149,14 +150,6 @@ def supervised_finetune(
     """Token cross-entropy on `examples` starting from `model_dir`; saves the model to `out_dir`."""
     if not examples:
         raise ValueError(f"{desc}: no examples; is the train pool empty?")
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     torch.manual_seed(settings.seed)
@@ -182,16 +175,7 @@ def supervised_finetune(
     }
     losses: list[float] = []
     start = time.perf_counter()
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=False) as progress:
-        task = progress.add_task(desc, total=settings.steps, loss=float("nan"))
+    with progress(settings.steps, desc, unit="steps") as advance:
         for _step in range(settings.steps):
             if len(order) < settings.batch_size:
                 perm = list(range(len(examples)))
@@ -218,9 +202,7 @@ def supervised_finetune(
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             recent = sum(losses[-10:]) / len(losses[-10:])
-            progress.update(task, advance=1, loss=recent)
-            if (_step + 1) % 50 == 0:
-                log.info("%s: step %d/%d, loss %.3f", desc, _step + 1, settings.steps, recent)
+            advance(loss=recent)
     save_model(model, model_dir, out_dir)
     report = WarmupReport(
         Path(out_dir),

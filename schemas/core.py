@@ -4,6 +4,7 @@ A `Table` lists its columns (name, logical type, nullability, checks, descriptio
 columns and its partition columns. From that single declaration we derive:
 
 - `duckdb_ddl()`      -> the `CREATE TABLE` statement the store runs,
+- `duckdb_comments()` -> `COMMENT ON` statements carrying the descriptions into DuckDB,
 - `arrow_schema()`    -> the pyarrow schema rows are cast to before writing (and Parquet files use),
 - `pandera_schema()`  -> the `pandera.pyarrow` validation run on every write.
 
@@ -109,11 +110,27 @@ class Table:
             cols.append(f"    PRIMARY KEY ({', '.join(self.key)})")
         return f"CREATE TABLE IF NOT EXISTS {self.name} (\n" + ",\n".join(cols) + "\n)"
 
+    def duckdb_comments(self) -> dict[str | None, str]:
+        """`COMMENT ON` statements that attach the descriptions (None = the table's own), so
+        `duckdb_tables()` / `duckdb_columns()` explain every table and column."""
+        statements: dict[str | None, str] = {
+            None: f"COMMENT ON TABLE {self.name} IS {_sql_literal(self.description)}"
+        }
+        for c in self.columns:
+            statements[c.name] = (
+                f"COMMENT ON COLUMN {self.name}.{c.name} IS {_sql_literal(c.description)}"
+            )
+        return statements
+
     def arrow_schema(self) -> pa.Schema:
         return _arrow_schema(self)
 
     def pandera_schema(self) -> Any:
         return _pandera_schema(self)
+
+
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 @cache

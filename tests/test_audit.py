@@ -122,7 +122,7 @@ def test_unknown_prompt_is_a_clear_error(audited_run):
 def test_dashboards_on_a_known_rollout(audited_run):
     """The exploration dashboards over a rollout whose decisions are scripted: positions 0..3 are
     categories 0, 1, 2, 0 (no trigger / accepted at attempt 1 / budget exhausted / no trigger)."""
-    from kepo.commands.sql import named_query
+    from kepo.queries import named_query
 
     run, pid_of = audited_run
 

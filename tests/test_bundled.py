@@ -23,13 +23,8 @@ from kepo.bundled import (
     build_bundled,
 )
 from kepo.config import BundledDatasetConfig, CurationConfig, DifficultyConfig
-from kepo.curate import (
-    BUNDLED_TEST_PER_MODALITY,
-    BUNDLED_TRAIN_SIZE,
-    QuestionSet,
-    curate_bundled,
-    read_questions,
-)
+from kepo.curate import BUNDLED_TEST_PER_MODALITY, BUNDLED_TRAIN_SIZE, curate_bundled
+from kepo.dataset import QuestionSet, read_questions
 from schemas.tables import MODALITIES, QUESTION_TYPES
 
 SMALL = BundledDatasetConfig(synthetic_per_modality=12, real_variants_per_image=2, image_size=48)

@@ -17,16 +17,14 @@ from typer.testing import CliRunner
 from kepo.commands.curate import app as curate_app
 from kepo.config import CurationConfig
 from kepo.curate import (
-    OMNIMEDVQA_MODALITY_STRINGS,
     REJECT_REASONS,
     CurationError,
-    QuestionSet,
     curate_omnimedvqa,
     curation_status,
     ingest,
-    load_image,
-    read_questions,
 )
+from kepo.dataset import DatasetError, QuestionSet, load_image, read_questions
+from kepo.omnimedvqa import OMNIMEDVQA_MODALITY_STRINGS
 from schemas.tables import MODALITIES, QUESTIONS, REJECTS
 
 RAW = {name: raw for raw, name in OMNIMEDVQA_MODALITY_STRINGS.items()}
@@ -389,7 +387,7 @@ def test_question_set_images_paths_and_embedded(tmp_path: Path) -> None:
     assert qs.image(qid) is not qs.image(qid)  # copies, so callers cannot spoil the cache
     with pytest.raises(KeyError, match="neither train nor test"):
         qs.row("nope")
-    with pytest.raises(CurationError, match="no embedded image"):
+    with pytest.raises(DatasetError, match="no embedded image"):
         load_image(row, None)
 
     emb = tmp_path / "emb"
@@ -409,7 +407,7 @@ def test_read_questions_rejects_foreign_files(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"question_id": ["a"]}), bad)
-    with pytest.raises(CurationError, match="differ from the questions schema"):
+    with pytest.raises(DatasetError, match="differ from the questions schema"):
         read_questions(bad)
     assert QUESTIONS.column_names[0] == "question_id"
 

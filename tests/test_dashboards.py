@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from kepo.cli import app
-from kepo.commands.sql import DASHBOARDS_DIR, named_query
 from kepo.config import RunConfig
+from kepo.queries import DASHBOARDS_DIR, named_query
 from kepo.store import Store
 from schemas.tables import MODALITIES
 
@@ -281,3 +281,41 @@ def test_question_types(db: Path) -> None:
     assert dd["accuracy"] == pytest.approx(66.67, abs=1e-9)
     assert dd["id_accuracy"] == 100.0 and dd["ood_accuracy"] == 50.0
     assert (mr["n"], mr["n_correct"], mr["accuracy"], mr["id_accuracy"]) == (1, 0, 0.0, None)
+
+
+def test_every_named_query_runs_and_is_documented(db: Path) -> None:
+    from kepo.queries import query_names
+
+    store = Store(db)
+    for name in query_names():
+        text = named_query(name)
+        assert text.startswith("-- "), f"{name}.sql must open with a comment saying what it shows"
+        params = {"study": "s", "role": "method"} if "$study" in text else None
+        store.query(text, params)  # raises on a typo or a missing column
+
+
+def test_accuracy_per_modality(db: Path) -> None:
+    rows = query(db, "accuracy_per_modality")
+    assert len(rows) == 3 * 8  # run-a at 0 and 1, run-b at 2; every modality
+    a1 = {r["modality"]: r for r in rows if r["run_id"] == "run-a" and r["iteration"] == 1}
+    assert a1["MRI"]["accuracy"] == 75.0 and a1["MRI"]["in_domain"] and a1["MRI"]["n"] == 4
+    assert a1["Dermoscopy"]["accuracy"] == 0.0 and not a1["CT"]["in_domain"]
+    assert [(r["run_id"], r["modality"], r["iteration"]) for r in rows[:3]] == [
+        ("run-a", "CT", 0),
+        ("run-a", "CT", 1),
+        ("run-a", "Dermoscopy", 0),
+    ]
+
+
+def test_the_demo_summary_prints_named_queries(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kepo demo`'s closing summary (the flow itself replaced by the dashboard fixture)."""
+    import flows.demo
+
+    report = db.parent / "report.html"
+    monkeypatch.setattr(flows.demo, "kepo_demo", lambda **_: {"db": str(db), "report": str(report)})
+    result = CliRunner().invoke(app, ["demo", "--workdir", str(db.parent)])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "run-a" in out and "46.88" in out  # Table 1
+    assert f"kepo sql --db {db} --query hints_never_accepted" in out
+    assert "duckdb_columns()" in out

@@ -16,8 +16,8 @@ from test_dashboards import make_dashboard_db
 from typer.testing import CliRunner
 
 from kepo.cli import app
-from kepo.commands.sql import DASHBOARDS_DIR, named_query
 from kepo.config import RunConfig
+from kepo.queries import DASHBOARDS_DIR, named_query
 from kepo.report import build_report
 from kepo.store import Store, StoreError
 

@@ -221,3 +221,71 @@ def test_run_config_round_trip_and_stages(tmp_path: Path) -> None:
     assert (row["status"], row["attempt"], row["error"]) == ("running", 2, None)
     with pytest.raises(StoreError, match="no run 'zzz'"):
         store.run_config("zzz")
+
+
+# ------------------------------------------------------------------------ comments
+def _comments(store: Store) -> tuple[dict[str, str | None], dict[tuple[str, str], str | None]]:
+    tables = {
+        r["table_name"]: r["comment"]
+        for r in store.query("SELECT table_name, comment FROM duckdb_tables()").to_pylist()
+    }
+    columns = {
+        (r["table_name"], r["column_name"]): r["comment"]
+        for r in store.query(
+            "SELECT table_name, column_name, comment FROM duckdb_columns()"
+        ).to_pylist()
+    }
+    return tables, columns
+
+
+def _assert_documented(store: Store) -> None:
+    from schemas.tables import STORE_TABLES
+
+    tables, columns = _comments(store)
+    for table in STORE_TABLES.values():
+        assert table.description and tables[table.name] == table.description, table.name
+        for col in table.columns:
+            assert col.description, (table.name, col.name)
+            assert columns[(table.name, col.name)] == col.description, (table.name, col.name)
+
+
+def test_every_declared_table_and_column_carries_its_description(tmp_path: Path) -> None:
+    store = Store(tmp_path / "kepo.duckdb")
+    store.initialize()
+    _assert_documented(store)
+
+
+def test_an_older_database_gets_the_comments_and_a_changed_description_is_updated(
+    tmp_path: Path,
+) -> None:
+    import duckdb
+
+    from schemas.tables import STORE_TABLES
+
+    path = tmp_path / "kepo.duckdb"
+    con = duckdb.connect(str(path))  # as kepo created databases before comments existed
+    for table in STORE_TABLES.values():
+        con.execute(table.duckdb_ddl())
+    con.execute("COMMENT ON COLUMN rollouts.advantage IS 'an outdated description'")
+    con.close()
+    store = Store(path)
+    assert _comments(store)[1][("rollouts", "run_id")] is None
+    store.initialize()
+    _assert_documented(store)
+
+
+def test_the_console_documents_every_rollouts_column(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kepo.cli import app
+    from schemas.tables import ROLLOUTS
+
+    store = Store(tmp_path / "kepo.duckdb")
+    store.initialize()
+    sql = "SELECT column_name, comment FROM duckdb_columns() WHERE table_name='rollouts'"
+    result = CliRunner().invoke(app, ["sql", "--db", str(store.path), sql, "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows == [{"column_name": c.name, "comment": c.description} for c in ROLLOUTS.columns]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kepo.curate import QuestionSet
+from kepo.dataset import QuestionSet
 from kepo.warmup import (
     WarmupSettings,
     answer_token_weights,

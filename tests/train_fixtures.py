@@ -1,7 +1,7 @@
 """Test data for the trainer, written straight into the store (no rollout code involved).
 
 - `write_curated(dir)`: a curated folder (train/test Parquet with embedded PNG images +
-  manifest.json) that `kepo.curate.QuestionSet` reads.
+  manifest.json) that `kepo.dataset.QuestionSet` reads.
 - `write_rollout_iteration(run, k)`: valid `prompts` / `rollouts` / `teacher_topk` rows for
   iteration k. Completions are short synthetic answers tokenized with the student's tokenizer;
   old and reference log-probs are the real log-probs of the policy being trained (so the ratio

@@ -32,6 +32,7 @@ def demo(
     console.rule("[bold]kepo demo")
     from flows.demo import kepo_demo  # Prefect is imported only when the demo runs
     from kepo.demo import EXAMPLE_QUERIES
+    from kepo.queries import run_query
     from kepo.store import Store
 
     result = kepo_demo(
@@ -41,14 +42,14 @@ def demo(
         teacher_warmup_steps=teacher_warmup_steps,
     )
     store = Store(result["db"])
-    from kepo.commands.sql import named_query
-
     console.rule("[bold]Table 1 (accuracy %, last checkpoint of each run)")
-    print_table(store.query(named_query("table1")), console)
+    print_table(run_query(store, "table1"), console)
     console.rule("[bold]In-domain and OOD accuracy per checkpoint")
-    print_table(store.query(named_query("training_dynamics")), console)
+    print_table(run_query(store, "training_dynamics"), console)
     console.rule("[bold]Exploration")
-    print_table(store.query(EXAMPLE_QUERIES[0][1]), console)
+    exploration = run_query(store, "exploration")
+    columns = ["run_id", "iteration", "n_prompts", "n_triggered", "n_accepted", "n_injected"]
+    print_table(exploration.select(columns), console)
     elapsed = time.perf_counter() - start
     console.rule("[bold]Done")
     console.print(f"database: [bold]{result['db']}[/bold]")
@@ -56,9 +57,13 @@ def demo(
         f"report:   [bold]{result['report']}[/bold] (open it in a browser; works offline)"
     )
     console.print("try:")
-    for title, sql in EXAMPLE_QUERIES:
-        console.print(
-            f'  # {title}\n  .venv/bin/kepo sql --db {result["db"]} "{sql}"', soft_wrap=True
-        )
-    console.print(f"  .venv/bin/kepo audit --db {result['db']} --run demo-kepo --iteration 0")
+    for name, title in EXAMPLE_QUERIES:
+        console.print(f"  # {title}\n  kepo sql --db {result['db']} --query {name}", soft_wrap=True)
+    console.print(
+        "  # every column of a table, explained\n"
+        f'  kepo sql --db {result["db"]} "SELECT column_name, comment FROM duckdb_columns() '
+        "WHERE table_name = 'rollouts'\"",
+        soft_wrap=True,
+    )
+    console.print(f"  kepo audit --db {result['db']} --run demo-kepo --iteration 0")
     console.print(f"[bold]total time: {elapsed / 60:.1f} min ({elapsed:.0f} s)[/bold]")

@@ -1,4 +1,8 @@
-"""`kepo sql`: read-only SQL over a run's DuckDB file, ad hoc or by name from `dashboards/`."""
+"""`kepo sql`: read-only SQL over a run's DuckDB file, ad hoc or by name from `dashboards/`.
+
+The connection sees the database's tables and nothing else (no files, URLs or extensions; see
+`kepo.store`), and only SELECT / EXPLAIN / DESCRIBE / SUMMARIZE statements run.
+"""
 
 from __future__ import annotations
 
@@ -14,20 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table as RichTable
 
+from kepo.queries import named_query, query_names
 from kepo.store import Store, StoreError
-
-DASHBOARDS_DIR = Path(__file__).resolve().parents[2] / "dashboards"
-
-
-def named_query(name: str) -> str:
-    """The SQL text of `dashboards/<name>.sql`."""
-    path = DASHBOARDS_DIR / f"{name}.sql"
-    if not path.is_file():
-        known = sorted(p.stem for p in DASHBOARDS_DIR.glob("*.sql"))
-        raise StoreError(
-            f"no named query {name!r}; known: {', '.join(known) or 'none'} (files in dashboards/)"
-        )
-    return path.read_text()
 
 
 def _cell(value: object, width: int = 60) -> str:
@@ -51,7 +43,14 @@ def sql(
         "work/demo/kepo.duckdb"
     ),
     name: Annotated[
-        str | None, typer.Option("--query", "-q", help="Run dashboards/NAME.sql instead.")
+        str | None,
+        typer.Option("--query", "-q", help="Run dashboards/NAME.sql instead (`--query list`)."),
+    ] = None,
+    params: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param", "-p", help="NAME=VALUE for a query's $NAME parameter (repeatable)."
+        ),
     ] = None,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
@@ -64,21 +63,32 @@ def sql(
     if (query is None) == (name is None):
         err.print("[red]give either a SELECT statement or --query NAME[/red]")
         raise typer.Exit(2)
+    if name == "list":
+        for known in query_names():
+            sys.stdout.write(known + "\n")
+        return
+    values: dict[str, str] = {}
+    for item in params or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            err.print(f"[red]--param {item!r}: write NAME=VALUE, e.g. --param study=tiny[/red]")
+            raise typer.Exit(2)
+        values[key] = value
     try:
         text = named_query(name) if name else query
-        result = Store(db, lock_timeout_s=lock_timeout_s).query(text)  # type: ignore[arg-type]
+        result = Store(db, lock_timeout_s=lock_timeout_s).query(text, values)  # type: ignore[arg-type]
     except StoreError as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {e}", soft_wrap=True)
         raise typer.Exit(1) from None
     except Exception as e:  # duckdb errors: bad column names etc.
-        err.print(f"[red]query failed:[/red] {e}")
+        err.print(f"[red]query failed:[/red] {e}", soft_wrap=True)
         raise typer.Exit(1) from None
     if as_json:
         for row in result.to_pylist():
             sys.stdout.write(json.dumps(row, default=str) + "\n")
     elif as_csv:
         buf = io.StringIO()
-        writer = csv.writer(buf)
+        writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(result.column_names)
         for row in result.to_pylist():
             writer.writerow(row.values())

@@ -28,8 +28,7 @@ Callers derive request seeds from (run seed, iteration, prompt id, purpose), see
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -175,30 +174,3 @@ def validate_requests(requests: Sequence[GenerationRequest]) -> None:
             raise ValueError(
                 f"request {request.request_id!r}: messages must be a non-empty list of chat messages"
             )
-
-
-# ------------------------------------------------------------------------------ progress
-@contextmanager
-def progress_bar(total: int, desc: str, unit: str = "seq") -> Iterator[Any]:
-    """A transient rich progress bar on stderr; yields `advance(n)`."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(unit),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    )
-    with progress:
-        task = progress.add_task(desc, total=total)
-
-        def advance(n: int = 1) -> None:
-            progress.advance(task, n)
-
-        yield advance

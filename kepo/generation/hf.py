@@ -41,7 +41,6 @@ from kepo.generation.base import (
     GenerationRequest,
     SamplingParams,
     TokenScores,
-    progress_bar,
     sample_seed,
     validate_requests,
 )
@@ -59,6 +58,7 @@ from kepo.models import (
     stop_token_ids,
     vision_token_ids,
 )
+from kepo.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class HFBackend:
         rows = [(index, sample) for index in range(len(requests)) for sample in range(sampling.n)]
         results: list[list[Completion]] = [[] for _ in requests]
         config = self._generation_config(sampling)
-        with progress_bar(len(rows), desc) as advance:
+        with progress(len(rows), desc, unit="seq") as advance:
             for start in range(0, len(rows), self.generation_batch_size):
                 chunk = rows[start : start + self.generation_batch_size]
                 for (index, _), completion in zip(
@@ -335,7 +335,7 @@ class HFBackend:
         if top_k < 0:
             raise ValueError(f"score: top_k must be >= 0, got {top_k}")
         results: list[TokenScores] = []
-        with progress_bar(len(requests), desc) as advance:
+        with progress(len(requests), desc, unit="seq") as advance:
             for start in range(0, len(requests), self.scoring_batch_size):
                 chunk = requests[start : start + self.scoring_batch_size]
                 ids = [list(c) for c in completion_ids[start : start + self.scoring_batch_size]]
