@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -196,8 +197,9 @@ class ExplorationConfig(_Section):
         "Accept an attempt when any (paper) or all (authors) of its K samples are correct.", "any"
     )
     hint_sampling: SamplingConfig = _f(
-        "Teacher decoding for hints.",
-        default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=256),
+        "Teacher decoding for hints (eq. 8 samples h ~ π_T; the authors sample with the rollout's "
+        "temperature/top-p and its completion budget).",
+        default_factory=lambda: SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=1024),
     )
     malformed_hint: Literal["use_raw", "skip"] = _f(
         "Malformed teacher hint: use the raw output as the hint, or skip exploration for the prompt.",
@@ -260,6 +262,13 @@ class DistillConfig(_Section):
     )
     top_k: int = _f("Teacher top-k stored per token in offline mode.", 32, ge=1)
     temperature: float = _f("Softmax temperature of both distributions.", 1.0, gt=0.0)
+    normalize: Literal["gate_open", "all"] = _f(
+        "kepo: what the gated divergence is averaged over in an optimizer step: 'gate_open' = "
+        "the completion tokens of gate-open rows (authors: JSD summed over gate-open tokens / "
+        "their count); 'all' = the policy term's aggregation over every row (a gated-out row "
+        "counts with 0, which weakens the term by the gate-open fraction).",
+        "gate_open",
+    )
     gate: GateConfig = _f("Quality gate.", default_factory=GateConfig)
 
 
@@ -282,8 +291,13 @@ class AlgorithmConfig(_Section):
     clip_eps_low: float = _f("Lower clip ε.", 0.2, gt=0.0)
     clip_eps_high: float = _f("Upper clip ε.", 0.2, gt=0.0)
     kl_coef: float = _f("β of the reference KL (k3 estimator); 0 = off (authors).", 0.0, ge=0.0)
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = _f(
-        "How per-token losses are reduced.", "token_mean"
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] | None = (
+        _f(
+            "How per-token losses are reduced; None = as the authors: seq_mean_token_mean for "
+            "grpo/rloo/kepo (each sequence's token mean, averaged over sequences), token_mean for "
+            "gkd/sft (their JSD / cross-entropy over all target tokens).",
+            None,
+        )
     )
     distill: DistillConfig = _f(
         "Distillation term (kepo) / loss (gkd).", default_factory=DistillConfig
@@ -302,6 +316,13 @@ class AlgorithmConfig(_Section):
         return "rloo" if self.name == "rloo" else "grpo"
 
     @property
+    def aggregation(self) -> Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]:
+        """The loss aggregation in effect (`loss_aggregation`, or the authors' per algorithm)."""
+        if self.loss_aggregation is not None:
+            return self.loss_aggregation
+        return "token_mean" if self.name in ("gkd", "sft") else "seq_mean_token_mean"
+
+    @property
     def uses_teacher(self) -> bool:
         return self.name in ("kepo", "gkd")
 
@@ -314,9 +335,18 @@ class TrainConfig(_Section):
     weight_decay: float = _f("AdamW weight decay.", 0.0, ge=0.0)
     adam_betas: tuple[float, float] = _f("AdamW betas.", (0.9, 0.999))
     lr_schedule: Literal["constant", "linear", "cosine"] = _f(
-        "Learning-rate schedule over the run's optimizer steps.", "constant"
+        "Learning-rate schedule over the run's optimizer steps (linear = decay to 0 at the last "
+        "step, the Hugging Face Trainer default the authors' RL runs use).",
+        "linear",
     )
     warmup_steps: int = _f("Linear warm-up steps.", 0, ge=0)
+    warmup_ratio: float = _f(
+        "Warm-up as a fraction of the run's optimizer steps, ceil(ratio x steps) (the authors' "
+        "SFT: 0.1); used when warmup_steps is 0.",
+        0.0,
+        ge=0.0,
+        lt=1.0,
+    )
     micro_batch_size: int = _f("Sequences per forward/backward per process.", 8, ge=1)
     grad_accum_steps: int = _f("Micro-batches per optimizer step.", 2, ge=1)
     passes: int = _f("Passes over an iteration's rollouts (ppo epochs).", 1, ge=1)
@@ -326,6 +356,12 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("Accelerate mixed precision.", "no")
     save_optimizer: bool = _f("Save optimizer and scheduler state with each checkpoint.", True)
     sft_epochs: int = _f("SFT: passes over the iteration's prompts' targets.", 1, ge=1)
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """Warm-up steps in effect: warmup_steps, else ceil(warmup_ratio x total_steps)."""
+        if self.warmup_steps > 0:
+            return self.warmup_steps
+        return math.ceil(self.warmup_ratio * total_steps)
 
 
 # ---------------------------------------------------------------------------------- evaluation
