@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -509,44 +510,86 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load a YAML run config; `overrides` maps dotted keys (e.g. 'rollout.group_size') to values."""
+    """Load a YAML run config; `overrides` maps dotted keys (e.g. 'rollout.group_size') to values.
+
+    `base:` (one file or a list, relative to the file naming it) composes a run from layers, e.g.
+    a method and a scale: `base: [../methods/kepo-tau1.yaml, _scale.yaml]` merges the method
+    file (over its own bases), then the scale overlay, then this file; later layers win. A file
+    that sets no `run_id` of its own runs under its file name (stem).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
-            f"{path}: no such config file; pass a YAML file such as configs/demo-kepo.yaml"
+            f"{path}: no such config file; pass a YAML file such as configs/demo/kepo.yaml"
         )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(
-            f"{path}:{where}: malformed YAML ({problem}); fix the indentation or quoting there"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: the top level must be a mapping of settings, got {type(data).__name__}"
-        )
-    data = _resolve_includes(data, path.parent)
+    own = read_yaml_mapping(path)
+    data = read_layered_yaml(path)
+    if "run_id" not in own:
+        data["run_id"] = path.stem
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     return parse_config(data, str(path))
 
 
-def _resolve_includes(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """`base: other.yaml` at the top level merges that file first (this file wins)."""
-    parent = data.pop("base", None)
-    if parent is None:
-        return data
-    parent_path = base / parent
-    if not parent_path.is_file():
-        raise ConfigError(
-            f"base: {parent_path} does not exist; fix the 'base:' path (relative to the config file)"
+def read_yaml_mapping(path: Path, error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """One YAML file as a mapping; malformed YAML or another top level is one-line `error`."""
+    if not path.is_file():
+        raise error(f"{path}: no such file; fix the path")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise error(
+            f"{path}:{where} malformed YAML ({problem}); fix the indentation or quoting there"
+        ) from None
+    if not isinstance(data, dict):
+        raise error(
+            f"{path}: the top level must be a mapping of settings, got {type(data).__name__}"
         )
-    parent_data = yaml.safe_load(parent_path.read_text()) or {}
-    parent_data = _resolve_includes(parent_data, parent_path.parent)
-    return deep_merge(parent_data, data)
+    return data
+
+
+def read_layered_yaml(
+    path: Path,
+    *,
+    error: type[ValueError] = ConfigError,
+    relative_keys: tuple[str, ...] = (),
+    _seen: tuple[Path, ...] = (),
+) -> dict[str, Any]:
+    """A YAML mapping merged over its `base:` layers (a path or a list of paths, relative to the
+    file; earlier layers first, the file itself last). A cycle, a missing base or malformed YAML
+    is a one-line `error` naming the file. `relative_keys`: top-level path values made relative
+    to the file that sets them (e.g. a study's base_config)."""
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise error(f"{path}: `base:` layers form a cycle ({chain}); remove one of them")
+    data = read_yaml_mapping(path, error)
+    for key in relative_keys:
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            data[key] = os.path.normpath(path.parent / value)
+    parents = data.pop("base", None)
+    if parents is None:
+        return data
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise error(f"{path}: `base:` must be a file name or a list of file names")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        parent_path = path.parent / parent
+        if not parent_path.is_file():
+            raise error(
+                f"{path}: base {parent_path} does not exist; fix the 'base:' path (relative to "
+                "the file that names it)"
+            )
+        layer = read_layered_yaml(
+            parent_path, error=error, relative_keys=relative_keys, _seen=(*_seen, path.resolve())
+        )
+        merged = deep_merge(merged, layer)
+    return deep_merge(merged, data)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -599,4 +642,6 @@ __all__ = [
     "describe_fields",
     "load_config",
     "parse_config",
+    "read_layered_yaml",
+    "read_yaml_mapping",
 ]
