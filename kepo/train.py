@@ -30,8 +30,10 @@ micro_batch_size × grad_accum_steps × num_processes rows (the last one fewer).
 rows are cut into micro-batches of `micro_batch_size` per process; every process runs the same
 number of micro-batches (a process without rows in the last one runs a zero-weight copy of a row,
 so DDP's gradient all-reduce lines up). Every loss term is divided by the count of the WHOLE
-step (completion tokens for token_mean, sequences otherwise), so micro-batches and processes add
-up to exactly the full-batch loss: one process with accumulation equals several processes.
+step (completion tokens for token_mean, sequences otherwise; kepo's distillation term, with
+distill.normalize 'gate_open', by the completion tokens of the step's gate-open rows), so
+micro-batches and processes add up to exactly the full-batch loss: one process with accumulation
+equals several processes.
 `Accelerator.backward` divides by its gradient_accumulation_steps and DDP averages over
 processes; the loss is pre-multiplied by both to undo that.
 
