@@ -384,8 +384,10 @@ def nominal_steps_per_iteration(cfg: RunConfig, num_processes: int) -> int:
     prompts_per_iteration for gkd (one sample or target per prompt) and sft.
     """
     t = cfg.train
-    if cfg.algorithm.name in ("sft", "gkd"):
+    if cfg.algorithm.name == "sft":
         rows, passes = cfg.rollout.prompts_per_iteration, t.sft_epochs
+    elif cfg.algorithm.name == "gkd":
+        rows, passes = cfg.rollout.prompts_per_iteration, t.passes
     else:
         rows, passes = cfg.rollout.prompts_per_iteration * cfg.rollout.group_size, t.passes
     rows_per_step = t.micro_batch_size * t.grad_accum_steps * num_processes

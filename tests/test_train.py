@@ -318,6 +318,26 @@ def test_gkd_lambda_is_the_fraction_of_training_samples_that_are_on_policy() -> 
         gkd_training_rows(["q000"], [], {}, {"q000": True})
 
 
+def test_nominal_steps_count_one_gkd_row_per_prompt_and_its_passes(
+    tmp_path: Path, tiny_models
+) -> None:
+    cfg = tiny_config(
+        "gkd-lambda0.5",
+        tmp_path,
+        tiny_models,
+        **{
+            "rollout.prompts_per_iteration": 8,
+            "rollout.group_size": 8,
+            "train.micro_batch_size": 2,
+            "train.grad_accum_steps": 2,
+            "train.passes": 3,
+            "train.sft_epochs": 5,
+        },
+    )
+    # 8 rows (one per prompt), 4 per step, 3 passes -> 6 steps (not 8 x 8 rows, not 5 epochs)
+    assert train_mod.nominal_steps_per_iteration(cfg, 1) == 6
+
+
 def test_sft_targets_carry_the_rationale_in_thinking_mode(tmp_path: Path, tiny_models) -> None:
     run = make_run(tiny_config("sft", tmp_path, tiny_models, **{"prompts.thinking": True}))
     write_rollout_iteration(run, 0)
