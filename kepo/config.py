@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -197,8 +199,9 @@ class ExplorationConfig(_Section):
         "Accept an attempt when any (paper) or all (authors) of its K samples are correct.", "any"
     )
     hint_sampling: SamplingConfig = _f(
-        "Teacher decoding for hints.",
-        default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=256),
+        "Teacher decoding for hints (eq. 8 samples h ~ π_T; the authors sample with the rollout's "
+        "temperature/top-p and its completion budget).",
+        default_factory=lambda: SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=1024),
     )
     malformed_hint: Literal["use_raw", "skip"] = _f(
         "Malformed teacher hint: use the raw output as the hint, or skip exploration for the prompt.",
@@ -261,6 +264,13 @@ class DistillConfig(_Section):
     )
     top_k: int = _f("Teacher top-k stored per token in offline mode.", 32, ge=1)
     temperature: float = _f("Softmax temperature of both distributions.", 1.0, gt=0.0)
+    normalize: Literal["gate_open", "all"] = _f(
+        "kepo: what the gated divergence is averaged over in an optimizer step: 'gate_open' = "
+        "the completion tokens of gate-open rows (authors: JSD summed over gate-open tokens / "
+        "their count); 'all' = the policy term's aggregation over every row (a gated-out row "
+        "counts with 0, which weakens the term by the gate-open fraction).",
+        "gate_open",
+    )
     gate: GateConfig = _f("Quality gate.", default_factory=GateConfig)
 
 
@@ -283,8 +293,13 @@ class AlgorithmConfig(_Section):
     clip_eps_low: float = _f("Lower clip ε.", 0.2, gt=0.0)
     clip_eps_high: float = _f("Upper clip ε.", 0.2, gt=0.0)
     kl_coef: float = _f("β of the reference KL (k3 estimator); 0 = off (authors).", 0.0, ge=0.0)
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = _f(
-        "How per-token losses are reduced.", "token_mean"
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] | None = (
+        _f(
+            "How per-token losses are reduced; None = as the authors: seq_mean_token_mean for "
+            "grpo/rloo/kepo (each sequence's token mean, averaged over sequences), token_mean for "
+            "gkd/sft (their JSD / cross-entropy over all target tokens).",
+            None,
+        )
     )
     distill: DistillConfig = _f(
         "Distillation term (kepo) / loss (gkd).", default_factory=DistillConfig
@@ -313,6 +328,15 @@ class AlgorithmConfig(_Section):
             return self.advantage
         return self.spec.advantage
 
+    @property
+    def aggregation(self) -> Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]:
+        """The loss aggregation in effect (`loss_aggregation`, or the authors' per algorithm):
+        a per-sequence token mean for the policy-gradient methods, a token mean for the
+        distillation/SFT losses (the authors' GOLD trainer, TRL's "nll")."""
+        if self.loss_aggregation is not None:
+            return self.loss_aggregation
+        return "seq_mean_token_mean" if self.spec.policy_term else "token_mean"
+
 
 # ---------------------------------------------------------------------------------- training
 class TrainConfig(_Section):
@@ -322,9 +346,18 @@ class TrainConfig(_Section):
     weight_decay: float = _f("AdamW weight decay.", 0.0, ge=0.0)
     adam_betas: tuple[float, float] = _f("AdamW betas.", (0.9, 0.999))
     lr_schedule: Literal["constant", "linear", "cosine"] = _f(
-        "Learning-rate schedule over the run's optimizer steps.", "constant"
+        "Learning-rate schedule over the run's optimizer steps (linear = decay to 0 at the last "
+        "step, the Hugging Face Trainer default the authors' RL runs use).",
+        "linear",
     )
     warmup_steps: int = _f("Linear warm-up steps.", 0, ge=0)
+    warmup_ratio: float = _f(
+        "Warm-up as a fraction of the run's optimizer steps, ceil(ratio x steps) (the authors' "
+        "SFT: 0.1); used when warmup_steps is 0.",
+        0.0,
+        ge=0.0,
+        lt=1.0,
+    )
     micro_batch_size: int = _f("Sequences per forward/backward per process.", 8, ge=1)
     grad_accum_steps: int = _f("Micro-batches per optimizer step.", 2, ge=1)
     passes: int = _f("Passes over an iteration's rollouts (ppo epochs).", 1, ge=1)
@@ -334,6 +367,12 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("Accelerate mixed precision.", "no")
     save_optimizer: bool = _f("Save optimizer and scheduler state with each checkpoint.", True)
     sft_epochs: int = _f("SFT: passes over the iteration's prompts' targets.", 1, ge=1)
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """Warm-up steps in effect: warmup_steps, else ceil(warmup_ratio x total_steps)."""
+        if self.warmup_steps > 0:
+            return self.warmup_steps
+        return math.ceil(self.warmup_ratio * total_steps)
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -625,46 +664,86 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load a YAML run config; `overrides` maps dotted keys (e.g. 'rollout.group_size') to values."""
+    """Load a YAML run config; `overrides` maps dotted keys (e.g. 'rollout.group_size') to values.
+
+    `base:` (one file or a list, relative to the file naming it) composes a run from layers, e.g.
+    a method and a scale: `base: [../methods/kepo-tau1.yaml, _scale.yaml]` merges the method
+    file (over its own bases), then the scale overlay, then this file; later layers win. A file
+    that sets no `run_id` of its own runs under its file name (stem).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
-            f"{path}: no such config file; pass a YAML file such as configs/demo-kepo.yaml"
+            f"{path}: no such config file; pass a YAML file such as configs/demo/kepo.yaml"
         )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(
-            f"{path}:{where}: malformed YAML ({problem}); fix the indentation or quoting there"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: the top level must be a mapping of settings, got {type(data).__name__}"
-        )
-    data = _resolve_includes(resolve_trl_section(data, str(path)), path.parent)
+    own = read_yaml_mapping(path)
+    data = read_layered_yaml(path)
+    if "run_id" not in own:
+        data["run_id"] = path.stem
     for key, value in resolve_trl_overrides(overrides or {}).items():
         set_dotted(data, key, value)
     return parse_config(data, str(path))
 
 
-def _resolve_includes(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """`base: other.yaml` at the top level merges that file first (this file wins)."""
-    parent = data.pop("base", None)
-    if parent is None:
-        return data
-    parent_path = base / parent
-    if not parent_path.is_file():
-        raise ConfigError(
-            f"base: {parent_path} does not exist; fix the 'base:' path (relative to the config file)"
+def read_yaml_mapping(path: Path, error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """One YAML file as a mapping; malformed YAML or another top level is one-line `error`."""
+    if not path.is_file():
+        raise error(f"{path}: no such file; fix the path")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise error(
+            f"{path}:{where} malformed YAML ({problem}); fix the indentation or quoting there"
+        ) from None
+    if not isinstance(data, dict):
+        raise error(
+            f"{path}: the top level must be a mapping of settings, got {type(data).__name__}"
         )
-    parent_data = resolve_trl_section(
-        yaml.safe_load(parent_path.read_text()) or {}, str(parent_path)
-    )
-    parent_data = _resolve_includes(parent_data, parent_path.parent)
-    return deep_merge(parent_data, data)
+    return data
+
+
+def read_layered_yaml(
+    path: Path,
+    *,
+    error: type[ValueError] = ConfigError,
+    relative_keys: tuple[str, ...] = (),
+    _seen: tuple[Path, ...] = (),
+) -> dict[str, Any]:
+    """A YAML mapping merged over its `base:` layers (a path or a list of paths, relative to the
+    file; earlier layers first, the file itself last). A cycle, a missing base or malformed YAML
+    is a one-line `error` naming the file. `relative_keys`: top-level path values made relative
+    to the file that sets them (e.g. a study's base_config)."""
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise error(f"{path}: `base:` layers form a cycle ({chain}); remove one of them")
+    data = resolve_trl_section(read_yaml_mapping(path, error), str(path))
+    for key in relative_keys:
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            data[key] = os.path.normpath(path.parent / value)
+    parents = data.pop("base", None)
+    if parents is None:
+        return data
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise error(f"{path}: `base:` must be a file name or a list of file names")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        parent_path = path.parent / parent
+        if not parent_path.is_file():
+            raise error(
+                f"{path}: base {parent_path} does not exist; fix the 'base:' path (relative to "
+                "the file that names it)"
+            )
+        layer = read_layered_yaml(
+            parent_path, error=error, relative_keys=relative_keys, _seen=(*_seen, path.resolve())
+        )
+        merged = deep_merge(merged, layer)
+    return deep_merge(merged, data)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -717,4 +796,6 @@ __all__ = [
     "describe_fields",
     "load_config",
     "parse_config",
+    "read_layered_yaml",
+    "read_yaml_mapping",
 ]

@@ -33,6 +33,7 @@ from torch import Tensor
 Estimator = Literal["grpo", "rloo"]
 AggregateMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
 DivergenceKind = Literal["jsd", "forward_kl", "reverse_kl"]
+DistillNormalize = Literal["gate_open", "all"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Smallest tail mass the top-k bucket may hold: keeps log(tail) finite when the stored ids

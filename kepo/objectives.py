@@ -17,9 +17,11 @@ the trainer passes the count of the whole optimizer step (all micro-batches, all
 completion tokens for `token_mean`, sequences for the two sequence means. The parts of the
 micro-batches and processes of one step then add up exactly to the loss of the full batch, so
 one process with gradient accumulation equals several processes. With `denominator=None` a call
-normalises over its own inputs (a single micro-batch). The distillation term uses the same
-denominator as the policy term: a gated-out row counts in the average with a zero divergence,
-which is eq. 7's indicator inside the expectation.
+normalises over its own inputs (a single micro-batch). The distillation term is, by default
+(`distill_normalize='gate_open'`, the authors' choice), the token mean of D over the gate-open
+rows of the step (their token count is its denominator); with 'all' it uses the policy term's
+denominator, so a gated-out row counts in the average with a zero divergence (eq. 7's indicator
+inside the expectation), which scales the term by the gate-open fraction.
 
 Shapes: B rows, T completion tokens, V vocabulary, k stored teacher ids.
 """
@@ -36,6 +38,7 @@ from torch import Tensor
 
 from kepo.losses import (
     AggregateMode,
+    DistillNormalize,
     DivergenceKind,
     aggregate,
     choose_gkd_source,
@@ -119,6 +122,8 @@ def kepo_objective(
     gate_open: Tensor,
     *,
     distill_coef: float,
+    distill_normalize: DistillNormalize = "gate_open",
+    distill_denominator: float | Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     clip: bool,
     eps_low: float = 0.2,
@@ -131,6 +136,10 @@ def kepo_objective(
 
     divergence (B, T): per-token D from `online_divergence` or `offline_divergence`;
     gate_open (B,) bool: the stored quality gate. Other arguments as `grpo_objective`.
+    distill_normalize: 'gate_open' (authors) averages D over the valid tokens of gate-open rows
+    (`distill_denominator` = their count over the whole step; None = this call's own count);
+    'all' reduces the gated D like the policy term (`aggregation`, `denominator`), so gated-out
+    rows count with 0 and the term shrinks by the gate-open fraction.
     """
     rl = grpo_objective(
         logprobs,
@@ -146,7 +155,15 @@ def kepo_objective(
         denominator=denominator,
     )
     gated = gated_distillation(divergence, gate_open)  # (B, T), exactly 0 on gated-out rows
-    loss_distill = aggregate(gated, mask, aggregation, denominator=denominator)
+    if distill_normalize == "gate_open":
+        open_mask = mask.bool() & gate_open[:, None]  # (B, T): valid tokens of gate-open rows
+        loss_distill = aggregate(gated, open_mask, "token_mean", denominator=distill_denominator)
+    elif distill_normalize == "all":
+        loss_distill = aggregate(gated, mask, aggregation, denominator=denominator)
+    else:
+        raise ValueError(
+            f"unknown distill_normalize {distill_normalize!r}; use 'gate_open' or 'all'"
+        )
     return ObjectiveOutput(
         loss=rl.loss + distill_coef * loss_distill,
         parts={**rl.parts, "loss_distill": loss_distill.detach()},

@@ -36,15 +36,19 @@ Summary queries (the named queries `dashboards/study_*.sql`, study runs found by
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kepo.config import ConfigError, DifficultyConfig, Modality, deep_merge, load_config
+from kepo.config import (
+    ConfigError,
+    DifficultyConfig,
+    Modality,
+    load_config,
+    read_layered_yaml,
+)
 from kepo.queries import run_query
 from kepo.store import Store
 
@@ -185,26 +189,11 @@ class PlannedRun(NamedTuple):
 
 
 # ------------------------------------------------------------------------------ loading
-def _read_study_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _read_study_file(path: Path) -> dict[str, Any]:
     """One study file merged over its `base:` chain; base_config made relative to each file."""
     if not path.is_file():
         raise StudyError(f"{path}: no such study file; pass one such as configs/study-tiny.yaml")
-    if path.resolve() in seen:
-        raise StudyError(f"{path}: `base:` includes form a cycle; remove one of them")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise StudyError(
-            f"{path}: malformed YAML ({err}); fix the indentation or quoting"
-        ) from None
-    if not isinstance(data, dict):
-        raise StudyError(f"{path}: the top level must be a mapping of settings")
-    if isinstance(data.get("base_config"), str) and not Path(data["base_config"]).is_absolute():
-        data["base_config"] = os.path.normpath(path.parent / data["base_config"])
-    parent = data.pop("base", None)
-    if parent is None:
-        return data
-    return deep_merge(_read_study_file(path.parent / parent, (*seen, path.resolve())), data)
+    return read_layered_yaml(path, error=StudyError, relative_keys=("base_config",))
 
 
 def load_study(path: str | Path, *, workdir: str | Path | None = None) -> StudyConfig:

@@ -16,9 +16,10 @@ Per algorithm (`kepo.objectives` holds the math):
 - kepo: the same plus distill.coef · gated D. Online mode runs the teacher (loaded here from
   `models.teacher`, eval mode, no grad, `models.dtype`) on the gated-open rows only; offline mode
   reads the stored top-k (`teacher_topk`).
-- gkd (MM-GKD): per prompt, with probability λ (`choose_gkd_source`, seeded per iteration) the
-  prompt's G rollout rows, else ONE dataset-target sequence; generalized JSD(β) against the
-  online teacher on every row (no gate, no reward term).
+- gkd (MM-GKD): per prompt, with probability λ (`choose_gkd_source`, seeded per iteration) ONE
+  of the prompt's rollout rows (its lowest sample_idx), else its dataset-target sequence, so λ is
+  the fraction of training samples that are on-policy (GKD's definition); generalized JSD(β)
+  against the online teacher on every row (no gate, no reward term).
 - sft: cross-entropy on the dataset target of every prompt of the iteration (no teacher).
   The dataset target is "<think>{rationale}</think><answer>{gold}</answer>" in thinking mode when
   the curated row has a rationale, "<answer>{gold}</answer>" otherwise, followed by the
@@ -29,8 +30,10 @@ micro_batch_size × grad_accum_steps × num_processes rows (the last one fewer).
 rows are cut into micro-batches of `micro_batch_size` per process; every process runs the same
 number of micro-batches (a process without rows in the last one runs a zero-weight copy of a row,
 so DDP's gradient all-reduce lines up). Every loss term is divided by the count of the WHOLE
-step (completion tokens for token_mean, sequences otherwise), so micro-batches and processes add
-up to exactly the full-batch loss: one process with accumulation equals several processes.
+step (completion tokens for token_mean, sequences otherwise; kepo's distillation term, with
+distill.normalize 'gate_open', by the completion tokens of the step's gate-open rows), so
+micro-batches and processes add up to exactly the full-batch loss: one process with accumulation
+equals several processes.
 `Accelerator.backward` divides by its gradient_accumulation_steps and DDP averages over
 processes; the loss is pre-multiplied by both to undo that.
 
@@ -207,16 +210,45 @@ def load_training_data(run: Run, iteration: int, tokenizer: Any) -> TrainingData
     rollout_rows = _load_rollout_rows(run, iteration, set(prompt_ids)) if uses_samples else []
     if spec.trains_on == "rollouts_or_targets":
         on_policy = gkd_sources(prompt_ids, lam=algo.gkd_lambda, seed=run.seed("gkd", iteration))
-        rows = []
-        for pid in prompt_ids:
-            if on_policy[pid]:
-                rows.extend(r for r in rollout_rows if r.prompt_id == pid)
-            else:
-                rows.append(TrainRow(pid, None, target_token_ids(tokenizer, targets[pid])))
+        target_ids = {
+            pid: target_token_ids(tokenizer, targets[pid])
+            for pid in prompt_ids
+            if not on_policy[pid]
+        }
+        rows = gkd_training_rows(prompt_ids, rollout_rows, target_ids, on_policy)
         return TrainingData(rows=rows, items=items, gkd_on_policy=on_policy)
     if spec.stores_teacher_topk(algo):
         rollout_rows = _attach_teacher_topk(run, iteration, rollout_rows)
     return TrainingData(rows=rollout_rows, items=items)
+
+
+def gkd_training_rows(
+    prompt_ids: Sequence[str],
+    rollout_rows: Sequence[TrainRow],
+    target_ids: dict[str, tuple[int, ...]],
+    on_policy: dict[str, bool],
+) -> list[TrainRow]:
+    """MM-GKD's rows: ONE per prompt, its first trained rollout sample (on-policy, chosen with
+    probability λ) or its dataset target, so λ is the fraction of training samples that are the
+    student's own (GKD's definition; the authors generate one sample per prompt for an on-policy
+    batch). `target_ids` holds the target of every off-policy prompt."""
+    first_sample: dict[str, TrainRow] = {}
+    for row in rollout_rows:
+        best = first_sample.get(row.prompt_id)
+        if best is None or (row.sample_idx or 0) < (best.sample_idx or 0):
+            first_sample[row.prompt_id] = row
+    rows = []
+    for pid in prompt_ids:
+        if not on_policy[pid]:
+            rows.append(TrainRow(pid, None, target_ids[pid]))
+        elif pid in first_sample:
+            rows.append(first_sample[pid])
+        else:
+            raise TrainingDataError(
+                f"prompt {pid}: MM-GKD chose the student's own sample but the prompt has no "
+                "trained rollout row; rerun the rollout"
+            )
+    return rows
 
 
 def _load_rollout_rows(run: Run, iteration: int, prompt_ids: set[str]) -> list[TrainRow]:
@@ -353,13 +385,13 @@ def plan_steps(
 def nominal_steps_per_iteration(cfg: RunConfig, num_processes: int) -> int:
     """Optimizer steps of one iteration as planned from the config (for the LR schedule).
 
-    Rows: prompts_per_iteration × group_size for the rollout-based algorithms (gkd may train on
-    fewer when it picks dataset targets), prompts_per_iteration for sft.
+    Rows: prompts_per_iteration × group_size for the rollout-based policy algorithms,
+    prompts_per_iteration for gkd (one sample or target per prompt) and sft.
     """
     t = cfg.train
     spec = spec_for(cfg.algorithm)
     rows = cfg.rollout.prompts_per_iteration
-    if spec.trains_on != "targets":
+    if spec.trains_on == "rollouts":
         rows *= cfg.rollout.group_size
     passes = spec.passes(t)
     rows_per_step = t.micro_batch_size * t.grad_accum_steps * num_processes
@@ -460,6 +492,8 @@ class _Context:
     data: TrainingData
     questions: Any
     denominator: float = 1.0
+    distill_denominator: float = 1.0
+    """kepo with distill.normalize 'gate_open': completion tokens of the step's gate-open rows."""
 
     def sequences(self, rows: Sequence[TrainRow], processor: Any) -> dict[str, torch.Tensor]:
         thinking = self.cfg.prompts.thinking
@@ -530,7 +564,7 @@ def _rl_inputs(ctx: _Context, rows: Sequence[TrainRow], logits: torch.Tensor, ba
         "eps_low": algo.clip_eps_low,
         "eps_high": algo.clip_eps_high,
         "kl_coef": algo.kl_coef,
-        "aggregation": algo.loss_aggregation,
+        "aggregation": algo.aggregation,
         "denominator": ctx.denominator,
     }
 
@@ -576,6 +610,8 @@ def _loss_kepo(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
         divergence=divergence,
         gate_open=gate_open,
         distill_coef=distill.coef,
+        distill_normalize=distill.normalize,
+        distill_denominator=ctx.distill_denominator,
         **_rl_inputs(ctx, rows, logits, batch),
     )
 
@@ -592,7 +628,7 @@ def _loss_gkd(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
         mask,
         beta=distill.jsd_beta,
         temperature=distill.temperature,
-        aggregation=ctx.cfg.algorithm.loss_aggregation,
+        aggregation=ctx.cfg.algorithm.aggregation,
         denominator=ctx.denominator,
     )
 
@@ -605,7 +641,7 @@ def _loss_sft(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
         logits,
         batch["completion_ids"],
         mask,
-        aggregation=ctx.cfg.algorithm.loss_aggregation,
+        aggregation=ctx.cfg.algorithm.aggregation,
         denominator=ctx.denominator,
     )
 
@@ -627,7 +663,7 @@ MICRO_BATCH_LOSS = {
 
 
 def _step_denominator(cfg: RunConfig, rows: Sequence[TrainRow]) -> float:
-    if cfg.algorithm.loss_aggregation == "token_mean":
+    if cfg.algorithm.aggregation == "token_mean":
         return float(sum(r.n_tokens for r in rows))
     return float(sum(1 for r in rows if r.n_tokens > 0))
 
@@ -781,7 +817,7 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
                 "optimizer": optimizer.state_dict(),
                 "scheduler": {
                     "schedule": cfg.train.lr_schedule,
-                    "warmup_steps": cfg.train.warmup_steps,
+                    "warmup_steps": cfg.train.warmup_steps_for(total_steps),
                     "total_steps": total_steps,
                     "last_global_step": last_global,
                 },
@@ -847,6 +883,7 @@ def _optimizer_step(
     cfg, accelerator, model = ctx.cfg, ctx.accelerator, ctx.model
     rows = [ctx.data.rows[i] for i in plan.rows]
     ctx.denominator = _step_denominator(cfg, rows)
+    ctx.distill_denominator = float(sum(r.n_tokens for r in rows if r.gate_open))
     n_tokens = sum(r.n_tokens for r in rows)
 
     # [total loss, each loss part, token-weighted metric sums, "part present" flags]
@@ -881,7 +918,7 @@ def _optimizer_step(
         global_step,
         base_lr=cfg.train.learning_rate,
         schedule=cfg.train.lr_schedule,
-        warmup_steps=cfg.train.warmup_steps,
+        warmup_steps=cfg.train.warmup_steps_for(total_steps),
         total_steps=total_steps,
     )
     skip_reason = None

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from kepo.losses import full_divergence, generalized_jsd, topk_divergence
 from kepo.objectives import (
@@ -106,7 +107,15 @@ def test_kepo_adds_the_gated_divergence_on_open_rows_only() -> None:
     gate = torch.tensor([True, False, True, False])
     div = full_divergence(logits, teacher, kind="forward_kl")
     out = kepo_objective(
-        _logprobs(logits, ids), old, adv, mask, div, gate, distill_coef=0.5, clip=False
+        _logprobs(logits, ids),
+        old,
+        adv,
+        mask,
+        div,
+        gate,
+        distill_coef=0.5,
+        distill_normalize="all",
+        clip=False,
     )
     expected = (
         sum(div[b, t].item() for b in (0, 2) for t in range(T) if mask[b, t]) / mask.sum().item()
@@ -131,6 +140,7 @@ def test_micro_batches_with_the_step_denominator_add_up_to_the_full_batch(mode: 
             div,
             gate[rows],
             distill_coef=1.0,
+            distill_normalize="all",
             ref_logprobs=ref[rows],
             clip=True,
             kl_coef=0.2,
@@ -148,6 +158,85 @@ def test_micro_batches_with_the_step_denominator_add_up_to_the_full_batch(mode: 
     for name in full.parts:
         total = first.parts[name] + second.parts[name]
         assert total.item() == pytest.approx(full.parts[name].item(), rel=1e-12, abs=1e-15)
+    assert torch.allclose(torch.cat([g1, g2]), full_grad, rtol=1e-12, atol=1e-15)
+
+
+def _constant_divergence_batch() -> tuple[Tensor, ...]:
+    """4 rows x 3 valid tokens, D = 2 on every token, the gate open on row 0 only (1/4)."""
+    rows, width = 4, 3
+    logprobs = torch.full((rows, width), -1.0, dtype=torch.float64)
+    mask = torch.ones(rows, width, dtype=torch.bool)
+    divergence = torch.full((rows, width), 2.0, dtype=torch.float64)
+    gate = torch.tensor([True, False, False, False])
+    return logprobs, mask, divergence, gate
+
+
+def test_kepo_distillation_default_averages_over_gate_open_tokens_only() -> None:
+    # The authors: JSD summed over gate-open tokens / their count, so a constant D = 2 gives 2
+    # whatever the gate-open fraction; averaging over all tokens would give 2 x 3/12 = 0.5.
+    logprobs, mask, divergence, gate = _constant_divergence_batch()
+    zeros = torch.zeros(4, dtype=torch.float64)
+    out = kepo_objective(
+        logprobs, logprobs, zeros, mask, divergence, gate, distill_coef=1.0, clip=False
+    )
+    assert out.parts["loss_distill"].item() == pytest.approx(2.0, rel=1e-12)
+    assert out.loss.item() == pytest.approx(2.0, rel=1e-12)  # the policy term is 0 (A = 0)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_kepo_distillation_all_scales_the_term_by_the_gate_open_fraction(aggregation: str) -> None:
+    logprobs, mask, divergence, gate = _constant_divergence_batch()
+    zeros = torch.zeros(4, dtype=torch.float64)
+    kwargs = {"distill_coef": 1.0, "clip": False, "aggregation": aggregation}
+    opened = kepo_objective(
+        logprobs, logprobs, zeros, mask, divergence, gate, distill_normalize="gate_open", **kwargs
+    )
+    everyone = kepo_objective(
+        logprobs, logprobs, zeros, mask, divergence, gate, distill_normalize="all", **kwargs
+    )
+    assert opened.parts["loss_distill"].item() == pytest.approx(2.0, rel=1e-12)
+    assert everyone.parts["loss_distill"].item() == pytest.approx(2.0 * 1 / 4, rel=1e-12)
+    with pytest.raises(ValueError, match="gate_open"):
+        kepo_objective(
+            logprobs, logprobs, zeros, mask, divergence, gate, distill_normalize="x", **kwargs
+        )
+
+
+def test_gate_open_micro_batches_with_the_step_open_token_count_add_up() -> None:
+    logits, teacher, ids, mask, old, _, adv = _inputs()
+    gate = torch.tensor([True, False, True, True])
+    open_tokens = mask[gate].sum().item()
+
+    def run(rows: slice, denominator, distill_denominator):
+        x = logits[rows].clone().requires_grad_(True)
+        div = full_divergence(x, teacher[rows], kind="jsd", beta=0.5)
+        out = kepo_objective(
+            _logprobs(x, ids[rows]),
+            old[rows],
+            adv[rows],
+            mask[rows],
+            div,
+            gate[rows],
+            distill_coef=1.0,
+            clip=False,
+            aggregation="seq_mean_token_mean",
+            denominator=denominator,
+            distill_denominator=distill_denominator,
+        )
+        out.loss.backward()
+        return out, x.grad
+
+    full, full_grad = run(slice(0, B), None, None)
+    expected = sum(
+        full_divergence(logits, teacher, kind="jsd", beta=0.5)[b, t].item()
+        for b in range(B)
+        for t in range(T)
+        if gate[b] and mask[b, t]
+    )
+    assert full.parts["loss_distill"].item() == pytest.approx(expected / open_tokens, rel=1e-12)
+    first, g1 = run(slice(0, 2), B, open_tokens)
+    second, g2 = run(slice(2, B), B, open_tokens)
+    assert (first.loss + second.loss).item() == pytest.approx(full.loss.item(), rel=1e-12)
     assert torch.allclose(torch.cat([g1, g2]), full_grad, rtol=1e-12, atol=1e-15)
 
 

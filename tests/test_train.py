@@ -13,9 +13,13 @@ from train_fixtures import CONFIGS, load_params, make_run, tiny_config, write_ro
 from typer.testing import CliRunner
 
 import kepo.train as train_mod
+from kepo.config import TrainConfig
+from kepo.objectives import gkd_sources
 from kepo.run import Run
 from kepo.train import (
     TrainingDataError,
+    TrainRow,
+    gkd_training_rows,
     learning_rate_at,
     load_training_data,
     plan_steps,
@@ -37,6 +41,23 @@ def _steps(run: Run, iteration: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ pure helpers
+
+
+def test_default_schedule_is_the_hf_trainer_linear_decay_and_warmup_ratio_rounds_up() -> None:
+    # The authors' RL runs fall back to the Hugging Face Trainer's linear decay without warm-up:
+    # lr(s) = base * (T - s) / T for optimizer steps s = 0..T-1.
+    train = TrainConfig()
+    assert train.lr_schedule == "linear" and train.warmup_steps_for(75) == 0
+    lrs = [
+        learning_rate_at(
+            s, base_lr=2e-6, schedule=train.lr_schedule, warmup_steps=0, total_steps=75
+        )
+        for s in range(75)
+    ]
+    assert lrs == pytest.approx([2e-6 * (75 - s) / 75 for s in range(75)], rel=1e-12)
+    # their SFT: warmup_ratio 0.1 -> ceil(0.1 x steps) warm-up steps, as transformers rounds
+    assert TrainConfig(warmup_ratio=0.1).warmup_steps_for(37) == 4
+    assert TrainConfig(warmup_ratio=0.1, warmup_steps=2).warmup_steps_for(37) == 2
 
 
 def test_learning_rate_schedules_by_hand() -> None:
@@ -269,12 +290,52 @@ def test_gkd_lambda_picks_samples_or_targets(
     tokenizer = load_processor(tiny_models[0]).tokenizer
     data = load_training_data(run, 0, tokenizer)
     if expect == "samples":
-        assert len(data.rows) == 4 and all(not r.is_target for r in data.rows)
+        # one sample per prompt (λ = fraction of training samples that are on-policy)
+        assert len(data.rows) == 2 and all(not r.is_target for r in data.rows)
+        assert len({r.prompt_id for r in data.rows}) == 2
         assert all(data.gkd_on_policy.values())
     else:
         assert len(data.rows) == 2 and all(r.is_target for r in data.rows)
         texts = [tokenizer.decode(r.completion_ids) for r in data.rows]
         assert texts == ["<answer>A</answer><|im_end|>", "<answer>B</answer><|im_end|>"]
+
+
+def test_gkd_lambda_is_the_fraction_of_training_samples_that_are_on_policy() -> None:
+    prompt_ids = [f"q{i:03d}" for i in range(400)]
+    group = 8
+    rollout_rows = [
+        TrainRow(pid, g, (5, 6, 7)) for pid in prompt_ids for g in reversed(range(group))
+    ]
+    on_policy = gkd_sources(prompt_ids, lam=0.5, seed=11)
+    targets = {pid: (1, 2) for pid in prompt_ids if not on_policy[pid]}
+    rows = gkd_training_rows(prompt_ids, rollout_rows, targets, on_policy)
+    assert [r.prompt_id for r in rows] == prompt_ids  # one training sample per prompt
+    student_share = sum(not r.is_target for r in rows) / len(rows)
+    assert student_share == sum(on_policy.values()) / len(prompt_ids)
+    assert 0.45 < student_share < 0.55  # λ = 0.5 (400 coin flips), not 8/9
+    assert all(r.sample_idx == 0 for r in rows if not r.is_target)
+    with pytest.raises(TrainingDataError, match="no trained rollout row"):
+        gkd_training_rows(["q000"], [], {}, {"q000": True})
+
+
+def test_nominal_steps_count_one_gkd_row_per_prompt_and_its_passes(
+    tmp_path: Path, tiny_models
+) -> None:
+    cfg = tiny_config(
+        "gkd-lambda0.5",
+        tmp_path,
+        tiny_models,
+        **{
+            "rollout.prompts_per_iteration": 8,
+            "rollout.group_size": 8,
+            "train.micro_batch_size": 2,
+            "train.grad_accum_steps": 2,
+            "train.passes": 3,
+            "train.sft_epochs": 5,
+        },
+    )
+    # 8 rows (one per prompt), 4 per step, 3 passes -> 6 steps (not 8 x 8 rows, not 5 epochs)
+    assert train_mod.nominal_steps_per_iteration(cfg, 1) == 6
 
 
 def test_sft_targets_carry_the_rationale_in_thinking_mode(tmp_path: Path, tiny_models) -> None:
