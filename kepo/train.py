@@ -97,6 +97,7 @@ from kepo.objectives import (
 )
 from kepo.prompts import PromptItem, build_messages, build_prompt_text
 from kepo.run import Run
+from kepo.tracking import export_train_steps, open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -712,6 +713,8 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
         torch.set_num_threads(cfg.models.torch_threads)
     accelerator = accelerator or make_accelerator(cfg)
     torch.manual_seed(cfg.train.seed + iteration)  # dropout, if the model has any
+    # Trackers of train.report_to start before any work, so a missing package fails fast.
+    trackers = open_trackers(run) if accelerator.is_main_process else []
 
     policy_dir = run.policy_path(iteration)
     model, processor = load_policy(
@@ -820,6 +823,7 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
         optimizer_path = _save_checkpoint(accelerator, model, policy_dir, out_dir, optimizer_state)
         run.store.overwrite_partition("train_steps", step_rows, run.run_id, iteration)
         run.record_checkpoint(version, out_dir, optimizer_path=optimizer_path, n_params=n_params)
+        export_train_steps(trackers, step_rows)
     accelerator.wait_for_everyone()
 
     finite = [
