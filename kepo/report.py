@@ -643,6 +643,75 @@ def _sig(value: Any) -> Any:
     return f"{value:.4g}" if isinstance(value, float) else value
 
 
+# ------------------------------------------------------------------------------ markdown
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return "–" if v is None else str(_sig(v)).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def table1_markdown(store: Store, runs: Sequence[str] | None = None) -> str:
+    """Table 1 (the `table1` query) as a markdown table, for trackers and Prefect artifacts."""
+    rows = _query(store, "table1", [r["run_id"] for r in _runs(store, runs)])
+    if not rows:
+        return "No evaluations yet: run `kepo eval` on a checkpoint."
+    headers = ["Method", "Run", "Checkpoint", *(c.replace("_", " ") for c in TABLE1_COLUMNS)]
+    body = [
+        [r["method_label"], r["run_id"], r["iteration"], *(r[c] for c in TABLE1_COLUMNS)]
+        for r in rows
+    ]
+    return (
+        "Accuracy (%) per modality at each run's last evaluated checkpoint "
+        "(`kepo sql --query table1`).\n\n" + _markdown_table(headers, body)
+    )
+
+
+def iteration_markdown(store: Store, run_id: str, iteration: int) -> str:
+    """Exploration and training-health summary of one iteration of one run, in markdown."""
+    parts = [f"Run `{run_id}`, iteration {iteration}."]
+    exploration = _optional_query(store, "exploration", [run_id])
+    row = (
+        next((r for r in exploration if r["iteration"] == iteration), None)
+        if isinstance(exploration, list)
+        else None
+    )
+    if row is None:
+        parts.append("No exploration rows for this iteration.")
+    else:
+        names = (
+            ("n_prompts", "prompts"),
+            ("n_triggered", "exploration triggered"),
+            ("trigger_rate", "trigger rate"),
+            ("n_accepted", "accepted (≥ 1 trajectory injected)"),
+            ("acceptance_rate", "acceptance rate"),
+            ("n_attempts", "hint-aware attempts"),
+            ("n_injected", "trajectories injected"),
+            ("n_malformed_hints", "malformed hints"),
+        )
+        parts.append(
+            "**Knowledge-enhanced exploration** (`kepo sql --query exploration`)\n\n"
+            + _markdown_table(["", "value"], [(t, row.get(c)) for c, t in names if c in row])
+        )
+    health = _optional_query(store, "training_health", [run_id])
+    row = (
+        next((r for r in health if r["iteration"] == iteration), None)
+        if isinstance(health, list)
+        else None
+    )
+    if row is not None:
+        parts.append(
+            "**Training health** (`kepo sql --query training_health`)\n\n"
+            + _markdown_table(
+                ["", "value"],
+                [(h, row.get(c)) for c, h in HEALTH_TABLE if c not in ("method_label", "run_id")],
+            )
+        )
+    return "\n\n".join(parts)
+
+
 # ------------------------------------------------------------------------------ study page
 def _pm(mean: float | None, sd: float | None) -> str:
     if mean is None:
@@ -954,4 +1023,11 @@ def _page(db_path: Path, runs: Sequence[str], sections: list[tuple[str, str, str
     )
 
 
-__all__ = ["TABLE1_COLUMNS", "build_report", "health_section", "study_section"]
+__all__ = [
+    "TABLE1_COLUMNS",
+    "build_report",
+    "health_section",
+    "iteration_markdown",
+    "study_section",
+    "table1_markdown",
+]
