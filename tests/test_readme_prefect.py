@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,28 @@ def test_the_quick_start_builds_the_models_the_tiny_configs_use() -> None:
     assert "--watch" in block  # iteration 1 must not start before iteration 0 is done
     # Every mention of the port is the same literal, so the test's substitution moves them all.
     assert "--port 4200" in block and "127.0.0.1:4200/api" in block
+
+
+def _still_running(pgid: int, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def _stop_group(pgid: int, grace_s: float = 30) -> None:
+    """SIGTERM what the block left running (nothing, when it ran to the end), then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            os.killpg(pgid, 0)  # raises ProcessLookupError once the group is empty
+            time.sleep(0.5)
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def _free_port() -> int:
@@ -80,9 +103,9 @@ def test_readme_prefect_quick_start_runs_as_written(tmp_path: Path) -> None:
     )
     try:
         out, _ = proc.communicate(timeout=1500)
+        left_running = _still_running(proc.pid, wait_s=60)  # the block's last line stops both
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        _stop_group(proc.pid)
     logs = "\n".join(
         f"--- {p.name}\n{p.read_text()[-3000:]}"
         for p in (root / "serve.log", root / "prefect-server.log")
@@ -101,3 +124,4 @@ def test_readme_prefect_quick_start_runs_as_written(tmp_path: Path) -> None:
     assert versions == [1, 2]
     # The artifact the block inspects holds Table 1 with the run's last checkpoint.
     assert "Avg OOD" in out and "tiny-kepo-tau1" in out
+    assert not left_running, "the server or the serve process outlived the block's stop line"
