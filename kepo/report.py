@@ -86,6 +86,8 @@ figure.plot { margin: 0.8rem 0; }
 figure.plot img { max-width: 100%; height: auto; }
 nav a { margin-right: 0.8rem; font-size: 0.9rem; }
 div.wide { overflow-x: auto; }
+div.wide table.data { font-size: 0.74rem; }
+div.wide table.data th, div.wide table.data td { padding: 0.2rem 0.35rem; }
 span.ci { color: #666; font-size: 0.72rem; white-space: nowrap; }
 """
 
@@ -957,9 +959,11 @@ def _line_panels(
                     for r in series
                     if r.get(low_high[0]) is not None and r.get(low_high[1]) is not None
                 ]
-                if band:
+                color = (colors or {}).get(run_id, _color(i))
+                if len(band) == 1:  # a lone checkpoint: a bar, since a band needs two
+                    ax.vlines(band[0][0], band[0][1], band[0][2], color=color, alpha=0.4, lw=5)
+                elif band:
                     xs, lows, highs = zip(*band, strict=True)
-                    color = (colors or {}).get(run_id, _color(i))
                     ax.fill_between(xs, lows, highs, color=color, alpha=0.15, linewidth=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel, fontsize=9)

@@ -87,7 +87,8 @@ def test_report_health_section_and_intervals(report_db: Path, tmp_path: Path) ->
     # Figure 2: the intervals are drawn as shaded bands (matplotlib writes fill-opacity 0.15).
     dynamics = text.split('id="dynamics"')[1].split("</section>")[0]
     svg = base64.b64decode(re.search(r"base64,([^\"]+)", dynamics).group(1)).decode()
-    assert svg.count("fill-opacity: 0.15") >= 3  # run-a ID and OOD, run-b (single points)
+    assert svg.count("fill-opacity: 0.15") == 2  # run-a's ID and OOD bands
+    assert svg.count("stroke-opacity: 0.4") == 2  # run-b's lone checkpoint: an interval bar
 
 
 def test_report_is_self_contained(report_db: Path, tmp_path: Path) -> None:
