@@ -615,8 +615,8 @@ def mean_token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     """Mean over the masked tokens of the policy's entropy H = -sum_v p_v log p_v (nats).
 
     logits (B, T, V), mask (B, T) bool; returns a detached 0-dim float32 tensor (0 when the mask
-    is empty). A diagnostic: computed without grad, one sequence at a time so the extra memory
-    is one (T, V) float32 block, from the logits the loss already holds.
+    is empty). A diagnostic: computed without grad from the logits the loss already holds, one
+    sequence at a time, so the extra memory is a few (T, V) float32 blocks, not (B, T, V).
     """
     with torch.no_grad():
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
