@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from flows.helpers import forward_kepo_logs, publish_iteration_artifacts, writer_slot
 from kepo.config import load_config
 from kepo.pipeline import PlannedStage, execute, is_done, iteration_plan, run_plan
 from kepo.run import Run
@@ -26,7 +27,8 @@ def _open(workdir: str, run_id: str) -> Run:
 def stage_task(workdir: str, run_id: str, iteration: int, stage: str) -> str:
     """Run one stage of one iteration (rollout / train / evaluate / curate)."""
     run = _open(workdir, run_id)
-    execute(run, PlannedStage(iteration, stage))  # type: ignore[arg-type]
+    with writer_slot(workdir):
+        execute(run, PlannedStage(iteration, stage))  # type: ignore[arg-type]
     return f"{run_id}/{iteration}/{stage}"
 
 
@@ -51,12 +53,13 @@ def commit_shards_task(workdir: str, run_id: str, iteration: int, shard_dirs: li
     from kepo.rollout import commit_shards
 
     run = _open(workdir, run_id)
-    run_stage(
-        run,
-        iteration,
-        "rollout",
-        lambda: commit_shards(run, iteration, [Path(d) for d in shard_dirs]),
-    )
+    with writer_slot(workdir):
+        run_stage(
+            run,
+            iteration,
+            "rollout",
+            lambda: commit_shards(run, iteration, [Path(d) for d in shard_dirs]),
+        )
     return len(shard_dirs)
 
 
@@ -73,6 +76,7 @@ def kepo_iteration(
     run_id: str, iteration: int, workdir: str = DEFAULT_WORKDIR, resume: bool = True
 ) -> list[str]:
     """One KEPO iteration of a registered run: rollout -> train -> evaluate (every N iterations)."""
+    forward_kepo_logs()
     logger = get_run_logger()
     run = _open(workdir, run_id)
     done: list[str] = []
@@ -87,12 +91,14 @@ def kepo_iteration(
         else:
             stage_task(workdir, run_id, planned.iteration, planned.stage)
         done.append(f"{planned.stage}-{planned.iteration}")
+    publish_iteration_artifacts(workdir, run_id, iteration)
     return done
 
 
 @flow(name="kepo-run", log_prints=True)
 def kepo_run(config: str, iterations: int | None = None, overrides: dict | None = None) -> str:
     """A whole run from a YAML config: curation if needed, then iterations, resuming where it stopped."""
+    forward_kepo_logs()
     logger = get_run_logger()
     cfg = load_config(config, overrides=overrides)
     run = Run.create(cfg)

@@ -367,6 +367,11 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("Accelerate mixed precision.", "no")
     save_optimizer: bool = _f("Save optimizer and scheduler state with each checkpoint.", True)
     sft_epochs: int = _f("SFT: passes over the iteration's prompts' targets.", 1, ge=1)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = _f(
+        "Also export per-step training metrics and evaluation accuracies to these trackers "
+        "(tensorboard: offline event files in <workdir>/tensorboard; see kepo/tracking.py).",
+        default_factory=list,
+    )
 
     def warmup_steps_for(self, total_steps: int) -> int:
         """Warm-up steps in effect: warmup_steps, else ceil(warmup_ratio x total_steps)."""

@@ -209,6 +209,10 @@ def evaluate(
             owned_backend.close()
 
     result.metrics = write_metrics(run, checkpoint)
+    if cfg.train.report_to:
+        from kepo.tracking import export_eval_metrics
+
+        export_eval_metrics(run, checkpoint, result.metrics)
     return result
 
 

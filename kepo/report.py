@@ -6,14 +6,18 @@ report is one a user can reproduce in SQL. Sections:
 
 1. Runs: run id, method, algorithm, in-domain modality, last evaluated checkpoint.
 2. Table 1: accuracy per modality, Avg and Avg OOD at each run's last evaluated checkpoint
-   (`table1`).
-3. Figure 2: in-domain accuracy and the OOD average per checkpoint, one line per run
-   (`training_dynamics`).
+   (`table1`), each modality with its 95 % Wilson interval (`table1_intervals`).
+3. Figure 2: in-domain accuracy and the OOD average per checkpoint, one line per run, shaded
+   95 % Wilson intervals (`training_dynamics`).
 4. Per-modality bars at each run's last checkpoint (`table1`).
 5. Accuracy per question type, per run and checkpoint (`question_types`).
 6. Rewards per iteration over trained rows and over on-policy samples (`rewards`).
 7. Exploration and 8. quality gate per iteration (`exploration`, `gate`, written with the
    rollout stage), when those queries exist and return rows.
+9. Training health per run and iteration (`training_health`): a table, then curves of the loss
+   parts, the step diagnostics (clip fraction, approximate KL, entropy, gradient norm, lr, gate),
+   the samples (completion length, truncation, all-wrong and zero-advantage groups, sampler vs
+   trainer log-prob mismatch) and the stage durations.
 
 Runs launched by `kepo study` (a `study` tag in their config) add a study page after the runs
 table (`study_section`): mean ± SD over seeds per method (Table 1 style, with the teacher as a
@@ -32,6 +36,7 @@ import base64
 import html
 import io
 import logging
+import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +85,10 @@ table.data td.id { background: #eef5ff; }
 figure.plot { margin: 0.8rem 0; }
 figure.plot img { max-width: 100%; height: auto; }
 nav a { margin-right: 0.8rem; font-size: 0.9rem; }
+div.wide { overflow-x: auto; }
+div.wide table.data { font-size: 0.74rem; }
+div.wide table.data th, div.wide table.data td { padding: 0.2rem 0.35rem; }
+span.ci { color: #666; font-size: 0.72rem; white-space: nowrap; }
 """
 
 
@@ -101,11 +110,13 @@ def build_report(
     rewards = _query(store, "rewards", selected)
     exploration = _optional_query(store, "exploration", selected)
     gate = _optional_query(store, "gate", selected)
+    intervals = _optional_query(store, "table1_intervals", selected)
+    health = _optional_query(store, "training_health", selected)
 
     last = {r["run_id"]: r["iteration"] for r in table1}
     sections = [
         _section("runs", "Runs", _runs_table(run_rows, last)),
-        _section("table1", "Table 1: accuracy per modality", _table1_section(table1)),
+        _section("table1", "Table 1: accuracy per modality", _table1_section(table1, intervals)),
         _section("dynamics", "Training dynamics (Figure 2)", _dynamics_section(dynamics, labels)),
         _section("modalities", "Per-modality accuracy", _modality_bars(table1, labels)),
         _section("question-types", "Accuracy per question type", _qtype_section(question_types)),
@@ -116,6 +127,7 @@ def build_report(
             _exploration_section(exploration, labels),
         ),
         _section("gate", "Quality gate", _gate_section(gate, labels)),
+        _section("health", "Training health", health_section(health, labels)),
     ]
     # Runs launched by `kepo study` carry a study tag: each study gets its own page section.
     from kepo.study import study_names
@@ -205,7 +217,9 @@ def _html_table(
     *,
     headers: Sequence[str] | None = None,
     classes: Sequence[Sequence[str]] | None = None,
+    subtexts: Sequence[Sequence[str | None]] | None = None,
 ) -> str:
+    """subtexts: per cell, a second smaller line (e.g. an interval), or None."""
     head = "".join(f"<th>{_esc(h)}</th>" for h in (headers or columns))
     body = []
     for i, row in enumerate(rows):
@@ -215,7 +229,9 @@ def _html_table(
             if classes is not None:
                 cls += list(classes[i][j].split())
             attr = f' class="{" ".join(cls)}"' if cls else ""
-            cells.append(f"<td{attr}>{_fmt(value)}</td>")
+            sub = subtexts[i][j] if subtexts is not None else None
+            extra = f'<br><span class="ci">{_esc(sub)}</span>' if sub else ""
+            cells.append(f"<td{attr}>{_fmt(value)}{extra}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (
         f'<table class="data"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
@@ -241,17 +257,28 @@ def _runs_table(run_rows: list[dict[str, Any]], last: dict[str, int]) -> str:
     )
 
 
-def _table1_section(table1: list[dict[str, Any]]) -> str:
+def _table1_section(table1: list[dict[str, Any]], intervals: list[dict[str, Any]] | str) -> str:
     if not table1:
         return _empty("no evaluations yet: run `kepo eval` on a checkpoint")
+    ci = {
+        (r["run_id"], r["iteration"], r["modality"]): r
+        for r in (intervals if isinstance(intervals, list) else [])
+    }
     columns = ["method_label", "run_id", "iteration", *TABLE1_COLUMNS]
     headers = ["Method", "Run", "Checkpoint", *(c.replace("_", " ") for c in TABLE1_COLUMNS)]
     best = {
         c: max((r[c] for r in table1 if r[c] is not None), default=None) for c in TABLE1_COLUMNS
     }
-    rows, classes = [], []
+    rows, classes, subtexts = [], [], []
     for r in table1:
         rows.append([r[c] for c in columns])
+        subtexts.append(
+            [None] * 3
+            + [
+                _interval(ci.get((r["run_id"], r["iteration"], MODALITY_COLUMNS.get(c))))
+                for c in TABLE1_COLUMNS
+            ]
+        )
         cls = ["", "", ""]
         for c in TABLE1_COLUMNS:
             marks = []
@@ -264,10 +291,17 @@ def _table1_section(table1: list[dict[str, Any]]) -> str:
     note = (
         '<p class="note">Accuracy in %, at each run\'s last evaluated checkpoint. Avg is the mean '
         "over modalities; Avg OOD the mean over the modalities other than the run's in-domain "
-        "one (shaded). Best value per column in bold. SQL: <code>kepo sql --query table1</code>."
-        "</p>"
+        "one (shaded). Best value per column in bold. Under each modality its 95 % Wilson "
+        "interval. SQL: <code>kepo sql --query table1</code>, intervals "
+        "<code>kepo sql --query table1_intervals</code>.</p>"
     )
-    return _html_table(columns, rows, headers=headers, classes=classes) + note
+    return _html_table(columns, rows, headers=headers, classes=classes, subtexts=subtexts) + note
+
+
+def _interval(row: dict[str, Any] | None) -> str | None:
+    if row is None or row["ci_low"] is None:
+        return None
+    return f"[{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
 
 
 def _dynamics_section(dynamics: list[dict[str, Any]], labels: dict[str, str]) -> str:
@@ -279,10 +313,16 @@ def _dynamics_section(dynamics: list[dict[str, Any]], labels: dict[str, str]) ->
         panels=[("id_accuracy", "In-domain accuracy (%)"), ("ood_average", "OOD average (%)")],
         xlabel="checkpoint (training iterations)",
         salt="dynamics",
+        bands={
+            "id_accuracy": ("id_ci_low", "id_ci_high"),
+            "ood_average": ("ood_ci_low", "ood_ci_high"),
+        },
     )
     caption = (
         "Left: accuracy on the in-domain modality; right: mean accuracy over the "
-        "out-of-distribution modalities (SQL: <code>kepo sql --query training_dynamics</code>)."
+        "out-of-distribution modalities. Shaded: 95 % Wilson intervals (in-domain: the "
+        "modality's; OOD: the pooled OOD items') "
+        "(SQL: <code>kepo sql --query training_dynamics</code>)."
     )
     return _figure(svg, caption)
 
@@ -476,6 +516,202 @@ def _mean_per_iteration(rows: list[dict[str, Any]], columns: Sequence[str]) -> l
             row[c] = sum(values) / len(values) if values else None
         out.append(row)
     return out
+
+
+# ------------------------------------------------------------------------------ training health
+# Figures of the health section: (title, caption, panels); a panel is (column, title, dashed
+# column or None). A figure shows the panels that have data and is left out when none has.
+HEALTH_FIGURES: tuple[tuple[str, str, tuple[tuple[str, str, str | None], ...]], ...] = (
+    (
+        "health-loss",
+        "Loss parts, mean over the iteration's optimizer steps.",
+        (
+            ("loss_total", "total loss", None),
+            ("loss_pg", "policy-gradient term", None),
+            ("loss_distill", "distillation term", None),
+            ("loss_kl", "reference KL term", None),
+            ("loss_sft", "SFT cross-entropy", None),
+        ),
+    ),
+    (
+        "health-step",
+        "Step diagnostics, mean over the iteration's optimizer steps: clip fraction, "
+        "approximate KL (old − new log-prob), token entropy of the policy on the trained "
+        "completions (nats), gradient norm before clipping (dashed: the largest), learning rate "
+        "(last step) and the gate-open fraction.",
+        (
+            ("clipfrac", "clip fraction", None),
+            ("approx_kl", "approx. KL", None),
+            ("entropy", "entropy (nats)", None),
+            ("grad_norm", "grad norm (dashed: max)", "grad_norm_max"),
+            ("lr", "learning rate", None),
+            ("gate_frac_open", "gate open", None),
+        ),
+    ),
+    (
+        "health-samples",
+        "On-policy samples: mean completion length (tokens), share cut at max_new_tokens "
+        "(finish_reason = length); groups: share of prompts whose G samples were all wrong "
+        "(dashed: share with zero advantage on every trained row, no gradient); sampler vs "
+        "trainer: mean |generation-time − recomputed old log-prob| per token (dashed: max), "
+        "near 0 on a sound setup.",
+        (
+            ("mean_completion_tokens", "completion length (tokens)", None),
+            ("truncation_rate", "truncation rate", None),
+            ("all_wrong_rate", "all-wrong groups (dashed: zero adv.)", "zero_advantage_rate"),
+            ("logprob_mismatch_mean", "log-prob mismatch (dashed: max)", "logprob_mismatch_max"),
+        ),
+    ),
+    (
+        "health-stages",
+        "Stage durations (s): rollout and train of iteration k, evaluation of policy version k.",
+        (
+            ("rollout_s", "rollout (s)", None),
+            ("train_s", "train (s)", None),
+            ("evaluate_s", "evaluate (s)", None),
+        ),
+    ),
+)
+HEALTH_TABLE = (
+    ("method_label", "Method"),
+    ("run_id", "Run"),
+    ("iteration", "Iteration"),
+    ("n_steps", "Steps"),
+    ("n_skipped", "Skipped"),
+    ("loss_total", "Loss"),
+    ("clipfrac", "Clip frac"),
+    ("approx_kl", "Approx KL"),
+    ("entropy", "Entropy"),
+    ("grad_norm", "Grad norm"),
+    ("gate_frac_open", "Gate open"),
+    ("mean_completion_tokens", "Length"),
+    ("truncation_rate", "Truncated"),
+    ("all_wrong_rate", "All wrong"),
+    ("zero_advantage_rate", "Zero adv."),
+    ("logprob_mismatch_mean", "Log-prob Δ"),
+    ("rollout_s", "Rollout s"),
+    ("train_s", "Train s"),
+    ("evaluate_s", "Eval s"),
+)
+HEALTH_PANELS_PER_FIGURE = 4
+_HEALTH_UNIT = ("clipfrac", "gate_frac_open", "truncation_rate", "all_wrong_rate")
+
+
+def health_section(rows: list[dict[str, Any]] | str, labels: dict[str, str]) -> str:
+    """The training-health table and figures (rows of the `training_health` query)."""
+    if isinstance(rows, str):
+        return _empty(rows)
+    if not rows:
+        return _empty("no training or rollout rows yet")
+    text_columns = ("method_label", "run_id")
+    parts = [
+        '<div class="wide">'
+        + _html_table(
+            [c for c, _ in HEALTH_TABLE],
+            [[_sig(r[c]) for c, _ in HEALTH_TABLE] for r in rows],
+            headers=[h for _, h in HEALTH_TABLE],
+            classes=[["" if c in text_columns else "num" for c, _ in HEALTH_TABLE] for _ in rows],
+        )
+        + "</div>",
+        '<p class="note">Per run and iteration; rates are shares (0–1), Log-prob Δ the mean '
+        "absolute sampler − trainer log-prob difference per token. "
+        "SQL: <code>kepo sql --query training_health</code>.</p>",
+    ]
+    for salt, caption, panels in HEALTH_FIGURES:
+        present = [p for p in panels if any(r.get(p[0]) is not None for r in rows)]
+        # balanced rows of at most HEALTH_PANELS_PER_FIGURE panels (5 panels: 3 + 2)
+        per_figure = (
+            math.ceil(len(present) / max(math.ceil(len(present) / HEALTH_PANELS_PER_FIGURE), 1))
+            if present
+            else 1
+        )
+        for start in range(0, len(present), per_figure):
+            chunk = present[start : start + per_figure]
+            svg = _line_panels(
+                rows,
+                labels,
+                panels=[(c, t) for c, t, _ in chunk],
+                dashed={c: d for c, _, d in chunk if d},
+                ylim={c: _UNIT_RANGE for c, _, _ in chunk if c in _HEALTH_UNIT},
+                xlabel="iteration",
+                salt=f"{salt}-{start}",
+            )
+            parts.append(_figure(svg, caption if start == 0 else "(continued)"))
+    return "".join(parts)
+
+
+def _sig(value: Any) -> Any:
+    """Floats to four significant digits as text (losses and lr span many magnitudes)."""
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+# ------------------------------------------------------------------------------ markdown
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return "–" if v is None else str(_sig(v)).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def table1_markdown(store: Store, runs: Sequence[str] | None = None) -> str:
+    """Table 1 (the `table1` query) as a markdown table, for trackers and Prefect artifacts."""
+    rows = _query(store, "table1", [r["run_id"] for r in _runs(store, runs)])
+    if not rows:
+        return "No evaluations yet: run `kepo eval` on a checkpoint."
+    headers = ["Method", "Run", "Checkpoint", *(c.replace("_", " ") for c in TABLE1_COLUMNS)]
+    body = [
+        [r["method_label"], r["run_id"], r["iteration"], *(r[c] for c in TABLE1_COLUMNS)]
+        for r in rows
+    ]
+    return (
+        "Accuracy (%) per modality at each run's last evaluated checkpoint "
+        "(`kepo sql --query table1`).\n\n" + _markdown_table(headers, body)
+    )
+
+
+def iteration_markdown(store: Store, run_id: str, iteration: int) -> str:
+    """Exploration and training-health summary of one iteration of one run, in markdown."""
+    parts = [f"Run `{run_id}`, iteration {iteration}."]
+    exploration = _optional_query(store, "exploration", [run_id])
+    row = (
+        next((r for r in exploration if r["iteration"] == iteration), None)
+        if isinstance(exploration, list)
+        else None
+    )
+    if row is None:
+        parts.append("No exploration rows for this iteration.")
+    else:
+        names = (
+            ("n_prompts", "prompts"),
+            ("n_triggered", "exploration triggered"),
+            ("trigger_rate", "trigger rate"),
+            ("n_accepted", "accepted (≥ 1 trajectory injected)"),
+            ("acceptance_rate", "acceptance rate"),
+            ("n_attempts", "hint-aware attempts"),
+            ("n_injected", "trajectories injected"),
+            ("n_malformed_hints", "malformed hints"),
+        )
+        parts.append(
+            "**Knowledge-enhanced exploration** (`kepo sql --query exploration`)\n\n"
+            + _markdown_table(["", "value"], [(t, row.get(c)) for c, t in names if c in row])
+        )
+    health = _optional_query(store, "training_health", [run_id])
+    row = (
+        next((r for r in health if r["iteration"] == iteration), None)
+        if isinstance(health, list)
+        else None
+    )
+    if row is not None:
+        parts.append(
+            "**Training health** (`kepo sql --query training_health`)\n\n"
+            + _markdown_table(
+                ["", "value"],
+                [(h, row.get(c)) for c, h in HEALTH_TABLE if c not in ("method_label", "run_id")],
+            )
+        )
+    return "\n\n".join(parts)
 
 
 # ------------------------------------------------------------------------------ study page
@@ -687,11 +923,13 @@ def _line_panels(
     dashed: dict[str, str] | None = None,
     ylim: dict[str, tuple[float, float]] | None = None,
     colors: dict[str, str] | None = None,
+    bands: dict[str, tuple[str, str]] | None = None,
 ) -> str:
     """One panel per (column, title); in each, one line per run over `iteration`.
 
     dashed: column -> a second column drawn dashed in the same panel; ylim: column -> y range;
-    colors: run -> colour (default: by position among the runs plotted).
+    colors: run -> colour (default: by position among the runs plotted); bands: column ->
+    (low column, high column) shaded around its line.
     """
     from matplotlib.figure import Figure
 
@@ -714,6 +952,19 @@ def _line_panels(
                     xs, ys = zip(*points, strict=True)
                     color = (colors or {}).get(run_id, _color(i))
                     ax.plot(xs, ys, style, marker="o", ms=4, color=color, label=label)
+            low_high = (bands or {}).get(column)
+            if low_high:
+                band = [
+                    (r["iteration"], r[low_high[0]], r[low_high[1]])
+                    for r in series
+                    if r.get(low_high[0]) is not None and r.get(low_high[1]) is not None
+                ]
+                color = (colors or {}).get(run_id, _color(i))
+                if len(band) == 1:  # a lone checkpoint: a bar, since a band needs two
+                    ax.vlines(band[0][0], band[0][1], band[0][2], color=color, alpha=0.4, lw=5)
+                elif band:
+                    xs, lows, highs = zip(*band, strict=True)
+                    ax.fill_between(xs, lows, highs, color=color, alpha=0.15, linewidth=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.grid(alpha=0.3)
@@ -776,4 +1027,11 @@ def _page(db_path: Path, runs: Sequence[str], sections: list[tuple[str, str, str
     )
 
 
-__all__ = ["TABLE1_COLUMNS", "build_report", "study_section"]
+__all__ = [
+    "TABLE1_COLUMNS",
+    "build_report",
+    "health_section",
+    "iteration_markdown",
+    "study_section",
+    "table1_markdown",
+]

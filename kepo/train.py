@@ -102,13 +102,16 @@ from kepo.objectives import (
 from kepo.progress import progress
 from kepo.prompts import PromptItem, build_messages, build_prompt_text
 from kepo.run import Run
+from kepo.tracking import export_train_steps, open_trackers
 
 log = logging.getLogger(__name__)
 
 LossPart = Literal["loss_pg", "loss_kl", "loss_distill", "loss_sft"]
 LOSS_PARTS: tuple[LossPart, ...] = ("loss_pg", "loss_kl", "loss_distill", "loss_sft")
 # Metrics that are token means: summed over micro-batches weighted by their token counts.
-TOKEN_METRICS = ("clipfrac", "approx_kl")
+TOKEN_METRICS = ("clipfrac", "approx_kl", "entropy")
+# Token metrics every algorithm reports (the others only the policy-gradient ones).
+ALL_ALGORITHM_METRICS = ("entropy",)
 # Files of a model folder that `save_pretrained` writes itself, or that are not the processor.
 _NOT_PROCESSOR_FILES = ("config.json", "generation_config.json", "optimizer.pt")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -574,7 +577,8 @@ def _loss_policy(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
     batch = ctx.student_batch(rows)
     logits = completion_logits(ctx.model, batch)  # (B, T, V)
     mask = completion_mask_of(batch).bool()
-    return grpo_objective(mask=mask, **_rl_inputs(ctx, rows, logits, batch))
+    out = grpo_objective(mask=mask, **_rl_inputs(ctx, rows, logits, batch))
+    return _with_entropy(out, logits, mask)
 
 
 def _loss_kepo(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
@@ -605,7 +609,7 @@ def _loss_kepo(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
         )
     else:
         divergence = logits.new_zeros(logits.shape[:2])
-    return kepo_objective(
+    out = kepo_objective(
         mask=mask,
         divergence=divergence,
         gate_open=gate_open,
@@ -614,6 +618,7 @@ def _loss_kepo(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
         distill_denominator=ctx.distill_denominator,
         **_rl_inputs(ctx, rows, logits, batch),
     )
+    return _with_entropy(out, logits, mask)
 
 
 def _loss_gkd(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
@@ -622,7 +627,7 @@ def _loss_gkd(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
     logits = completion_logits(ctx.model, batch)  # (B, T, V)
     mask = completion_mask_of(batch).bool()
     teacher = ctx.teacher_logits(rows)  # (B, T, V'): same rows, same completion width
-    return gkd_objective(
+    out = gkd_objective(
         logits,
         teacher,
         mask,
@@ -631,19 +636,46 @@ def _loss_gkd(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
         aggregation=ctx.cfg.algorithm.aggregation,
         denominator=ctx.denominator,
     )
+    return _with_entropy(out, logits, mask)
 
 
 def _loss_sft(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
     batch = ctx.student_batch(rows)
     logits = completion_logits(ctx.model, batch)  # (B, T, V)
     mask = completion_mask_of(batch).bool()
-    return sft_objective(
+    out = sft_objective(
         logits,
         batch["completion_ids"],
         mask,
         aggregation=ctx.cfg.algorithm.aggregation,
         denominator=ctx.denominator,
     )
+    return _with_entropy(out, logits, mask)
+
+
+def mean_token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the masked tokens of the policy's entropy H = -sum_v p_v log p_v (nats).
+
+    logits (B, T, V), mask (B, T) bool; returns a detached 0-dim float32 tensor (0 when the mask
+    is empty). A diagnostic: computed without grad from the logits the loss already holds, one
+    sequence at a time, so the extra memory is a few (T, V) float32 blocks, not (B, T, V).
+    """
+    with torch.no_grad():
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for row_logits, row_mask in zip(logits, mask, strict=True):  # (T, V), (T,)
+            if not row_mask.any():
+                continue
+            logp = torch.log_softmax(row_logits[row_mask].float(), dim=-1)  # (t, V)
+            plogp = torch.where(logp > -math.inf, logp.exp() * logp, 0.0)  # 0 log 0 = 0
+            total -= plogp.sum()
+        return total / mask.sum().clamp(min=1)
+
+
+def _with_entropy(
+    out: ObjectiveOutput, logits: torch.Tensor, mask: torch.Tensor
+) -> ObjectiveOutput:
+    out.metrics["entropy"] = mean_token_entropy(logits, mask)
+    return out
 
 
 def _loss_padding(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
@@ -718,6 +750,8 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
         torch.set_num_threads(cfg.models.torch_threads)
     accelerator = accelerator or make_accelerator(cfg)
     torch.manual_seed(cfg.train.seed + iteration)  # dropout, if the model has any
+    # Trackers of train.report_to start before any work, so a missing package fails fast.
+    trackers = open_trackers(run) if accelerator.is_main_process else []
 
     policy_dir = run.policy_path(iteration)
     model, processor = load_policy(
@@ -829,6 +863,7 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
         optimizer_path = _save_checkpoint(accelerator, model, policy_dir, out_dir, optimizer_state)
         run.store.overwrite_partition("train_steps", step_rows, run.run_id, iteration)
         run.record_checkpoint(version, out_dir, optimizer_path=optimizer_path, n_params=n_params)
+        export_train_steps(trackers, step_rows)
     accelerator.wait_for_everyone()
 
     finite = [
@@ -940,7 +975,7 @@ def _optimizer_step(
     metrics = spec_for(cfg.algorithm).metrics
 
     def metric(m: int) -> float | None:
-        present = TOKEN_METRICS[m] in metrics
+        present = TOKEN_METRICS[m] in metrics or TOKEN_METRICS[m] in ALL_ALGORITHM_METRICS
         return float(sums[1 + 2 * n_parts + m]) / max(n_tokens, 1) if present else None
 
     def finite_or_none(x: float) -> float | None:

@@ -386,6 +386,12 @@ TRAIN_STEPS = Table(
             nullable=True,
         ),
         Col(
+            "entropy",
+            "float64",
+            "Mean token entropy (nats) of the policy over the step's completion tokens.",
+            nullable=True,
+        ),
+        Col(
             "gate_frac_open", "float64", "Fraction of sequences whose gate is open.", nullable=True
         ),
         Col("grad_norm", "float64", "Gradient norm before clipping.", nullable=True),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,52 @@ def prediction_row(
     }
 
 
+def train_step_row(run_id: str, iteration: int, step: int, **kw: Any) -> dict[str, Any]:
+    row = {
+        "run_id": run_id,
+        "iteration": iteration,
+        "step": step,
+        "global_step": step,
+        "pass_idx": 0,
+        "loss_total": None,
+        "loss_pg": None,
+        "loss_distill": None,
+        "loss_kl": None,
+        "loss_sft": None,
+        "clipfrac": 0.0,
+        "approx_kl": 0.0,
+        "entropy": None,
+        "gate_frac_open": None,
+        "grad_norm": None,
+        "lr": 1e-6,
+        "n_sequences": 4,
+        "n_tokens": 8,
+        "step_time_s": 1.0,
+        "skipped": False,
+        "skip_reason": None,
+    }
+    row.update(kw)
+    if row["loss_total"] is None:
+        row["loss_total"] = row["loss_pg"]
+    return row
+
+
+def stage_row(
+    run_id: str, iteration: int, stage: str, seconds: float, status: str = "succeeded"
+) -> dict[str, Any]:
+    started = datetime(2026, 1, 1, 12, 0, 0)
+    return {
+        "run_id": run_id,
+        "iteration": iteration,
+        "stage": stage,
+        "status": status,
+        "started_at": started,
+        "finished_at": started + timedelta(seconds=seconds),
+        "error": None,
+        "attempt": 1,
+    }
+
+
 def make_dashboard_db(path: Path) -> Path:
     """Three runs with hand-picked metrics, rollouts and predictions (see the numbers above)."""
     store = Store(path)
@@ -155,10 +202,15 @@ def make_dashboard_db(path: Path) -> Path:
     # run-a iteration 0: prompt p1's three policy samples all score 0, so it explored (2
     # attempts) and an injected hint row (reward 2) took the slot of sample 2; prompt p2 did not
     # explore. The gate (total >= 1) is open on the hint row and on p2's rows.
+    # Training health (see test_training_health_*): every sample's generation-time log-probs are
+    # (-0.1, -0.2); the trainer's recomputed ones differ by 0.2 on p1/1 and 0.3 on p2/0 (the hint
+    # row, sampled under another prompt, differs by 0.9 and must not count). p1's advantages are
+    # non-zero after the injection, p2's are both 0. p2/1 was cut at max_new_tokens, p1/2 is 4
+    # tokens long.
     rollouts = [
-        rollout_row("run-a", 0, "p1", 0),
-        rollout_row("run-a", 0, "p1", 1),
-        rollout_row("run-a", 0, "p1", 2, trained=False, replaced_by=3),
+        rollout_row("run-a", 0, "p1", 0, old_logprobs=[-0.1, -0.2], advantage=-0.5),
+        rollout_row("run-a", 0, "p1", 1, old_logprobs=[-0.3, -0.2], advantage=-0.5),
+        rollout_row("run-a", 0, "p1", 2, trained=False, replaced_by=3, n_tokens=4),
         rollout_row(
             "run-a",
             0,
@@ -169,13 +221,37 @@ def make_dashboard_db(path: Path) -> Path:
             reward_format=1.0,
             reward_accuracy=1.0,
             gate_open=True,
+            old_logprobs=[-1.0, -1.1],
+            advantage=1.0,
         ),
-        rollout_row("run-a", 0, "p2", 0, reward_format=1.0, reward_accuracy=1.0, gate_open=True),
-        rollout_row("run-a", 0, "p2", 1, reward_format=1.0, gate_open=True),
+        rollout_row(
+            "run-a",
+            0,
+            "p2",
+            0,
+            reward_format=1.0,
+            reward_accuracy=1.0,
+            gate_open=True,
+            old_logprobs=[-0.1, -0.5],
+            advantage=0.0,
+        ),
+        rollout_row(
+            "run-a",
+            0,
+            "p2",
+            1,
+            reward_format=1.0,
+            gate_open=True,
+            old_logprobs=[-0.1, -0.2],
+            advantage=0.0,
+            finish_reason="length",
+        ),
     ]
     prompts = [
         prompt_row("run-a", 0, "p1", 0, triggered=True, n_attempts=2, n_injected=1),
-        prompt_row("run-a", 0, "p2", 1, triggered=False, n_attempts=0, n_injected=0),
+        prompt_row(
+            "run-a", 0, "p2", 1, triggered=False, n_attempts=0, n_injected=0, n_policy_correct=1
+        ),
     ]
     hint = {
         "run_id": "run-a",
@@ -189,8 +265,27 @@ def make_dashboard_db(path: Path) -> Path:
         "parse_reason": None,
         "malformed_rule": None,
     }
+    steps = [
+        train_step_row("run-a", 0, 0, loss_pg=0.5, entropy=1.0, grad_norm=2.0, lr=1e-6),
+        train_step_row(
+            "run-a", 0, 1, loss_pg=0.3, entropy=0.8, grad_norm=4.0, lr=2e-6, skipped=True
+        ),
+    ]
+    stages = [
+        stage_row("run-a", 0, "rollout", 10.0),
+        stage_row("run-a", 0, "train", 20.0),
+        stage_row("run-a", 0, "evaluate", 5.0, status="failed"),  # failed: not a duration
+    ]
     store.write_partitions(
-        {"rollouts": rollouts, "prompts": prompts, "hints": [hint]}, run_id="run-a", iteration=0
+        {
+            "rollouts": rollouts,
+            "prompts": prompts,
+            "hints": [hint],
+            "train_steps": steps,
+            "stages": stages,
+        },
+        run_id="run-a",
+        iteration=0,
     )
     predictions = [
         prediction_row("run-a", 1, "q1", "MRI", "Disease Diagnosis", True),
@@ -212,7 +307,14 @@ def query(db: Path, name: str) -> list[dict[str, Any]]:
 
 
 def test_every_owned_dashboard_is_plain_read_only_sql() -> None:
-    for name in ("table1", "training_dynamics", "rewards", "question_types"):
+    for name in (
+        "table1",
+        "training_dynamics",
+        "rewards",
+        "question_types",
+        "training_health",
+        "table1_intervals",
+    ):
         text = (DASHBOARDS_DIR / f"{name}.sql").read_text()
         assert "?" not in text and "$" not in text, f"{name}.sql must take no parameters"
 
@@ -319,3 +421,45 @@ def test_the_demo_summary_prints_named_queries(db: Path, monkeypatch: pytest.Mon
     assert "run-a" in out and "46.88" in out  # Table 1
     assert f"kepo sql --db {db} --query hints_never_accepted" in out
     assert "duckdb_columns()" in out
+
+
+def test_training_health_per_run_and_iteration(db: Path) -> None:
+    rows = query(db, "training_health")
+    assert [(r["run_id"], r["iteration"]) for r in rows] == [("run-a", 0)]
+    (h,) = rows
+    # train_steps: two steps, one skipped
+    assert (h["n_steps"], h["n_skipped"]) == (2, 1)
+    assert h["loss_pg"] == pytest.approx(0.4) and h["loss_total"] == pytest.approx(0.4)
+    assert h["loss_kl"] is None and h["loss_distill"] is None
+    assert h["entropy"] == pytest.approx(0.9)
+    assert (h["grad_norm"], h["grad_norm_max"]) == (3.0, 4.0)
+    assert h["lr"] == 2e-6  # the last step's
+    # on-policy samples: p1/0, p1/1, p1/2 (4 tokens), p2/0, p2/1 (truncated)
+    assert h["n_samples"] == 5
+    assert h["mean_completion_tokens"] == 2.4 and h["truncation_rate"] == 0.2
+    # groups: p1 all wrong (advantages non-zero after injection), p2 zero advantage
+    assert (h["n_prompts"], h["all_wrong_rate"], h["zero_advantage_rate"]) == (2, 0.5, 0.5)
+    # sampler vs trainer over the 8 tokens of the 4 trained policy rows: (0.2 + 0.3) / 8
+    assert h["logprob_mismatch_mean"] == pytest.approx(0.0625, abs=1e-6)
+    assert h["logprob_mismatch_max"] == pytest.approx(0.3, abs=1e-6)
+    # succeeded stages only
+    assert (h["rollout_s"], h["train_s"], h["evaluate_s"]) == (10.0, 20.0, None)
+
+
+def test_wilson_intervals_behind_table1_and_training_dynamics(db: Path) -> None:
+    rows = query(db, "table1_intervals")
+    # the last checkpoint of each evaluated run, one row per modality; metric_rows stores [0, 1]
+    assert {(r["run_id"], r["iteration"]) for r in rows} == {("run-a", 1), ("run-b", 2)}
+    assert len(rows) == 16
+    mri = next(r for r in rows if r["run_id"] == "run-a" and r["modality"] == "MRI")
+    assert (mri["accuracy"], mri["ci_low"], mri["ci_high"], mri["n"]) == (75.0, 0.0, 100.0, 4)
+    assert mri["in_domain"]
+    rows = {(r["run_id"], r["iteration"]): r for r in query(db, "training_dynamics")}
+    b2 = rows[("run-b", 2)]
+    assert (b2["id_ci_low"], b2["id_ci_high"]) == (0.0, 100.0)  # the in-domain (CT) interval
+    # OOD: run-b's seven OOD modalities pooled, 14 of 28 correct -> Wilson 95 % by hand
+    z, n, p = 1.959963984540054, 28, 0.5
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    assert b2["ood_ci_low"] == pytest.approx(100 * (centre - half), abs=0.006)
+    assert b2["ood_ci_high"] == pytest.approx(100 * (centre + half), abs=0.006)

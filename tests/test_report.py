@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
-import json
+import base64
 import re
 import shutil
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,9 @@ from kepo.store import Store, StoreError
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PLOT = re.compile(r'<figure class="plot">')
+# Figures of the health section on the fixture: loss (total, pg), step diagnostics (clip frac,
+# approx KL, entropy, grad norm, lr: 5 panels in two figures), samples, stage durations.
+HEALTH_PLOTS = 5
 TABLE = re.compile(r'<table class="data">')
 
 
@@ -39,7 +39,9 @@ def expected_counts(db: Path, runs: set[str]) -> tuple[int, int]:
     plots += sum(
         (DASHBOARDS_DIR / f"{n}.sql").is_file() and has_rows(n) for n in ("exploration", "gate")
     )
-    tables = 1 + has_rows("table1") + has_rows("question_types")  # runs, table 1, question types
+    plots += HEALTH_PLOTS if has_rows("training_health") else 0
+    # runs, table 1, question types, training health
+    tables = 1 + has_rows("table1") + has_rows("question_types") + has_rows("training_health")
     return plots, tables
 
 
@@ -52,9 +54,9 @@ def test_report_sections_and_counts(report_db: Path, tmp_path: Path) -> None:
     out = build_report(report_db, tmp_path / "out" / "report.html")
     text = out.read_text()
     plots, tables = expected_counts(report_db, {"run-a", "run-b", "run-c"})
-    assert (plots, tables) == (3 + _optional_plots(report_db), 3)
+    assert (plots, tables) == (3 + _optional_plots(report_db) + HEALTH_PLOTS, 4)
     if all((DASHBOARDS_DIR / f"{n}.sql").is_file() for n in ("exploration", "gate")):
-        assert plots == 5  # the fixture has prompts, hints and gated rollouts
+        assert plots == 5 + HEALTH_PLOTS  # the fixture has prompts, hints and gated rollouts
     assert len(PLOT.findall(text)) == plots
     assert len(TABLE.findall(text)) == tables
     # Table 1 shows both evaluated runs with the numbers of the SQL (run-b's OOD avg is 50.00).
@@ -69,6 +71,24 @@ def _optional_plots(db: Path) -> int:
         (DASHBOARDS_DIR / f"{n}.sql").is_file() and store.query(named_query(n)).num_rows > 0
         for n in ("exploration", "gate")
     )
+
+
+def test_report_health_section_and_intervals(report_db: Path, tmp_path: Path) -> None:
+    text = build_report(report_db, tmp_path / "report.html").read_text()
+    health = text.split('<section id="health">')[1].split("</section>")[0]
+    assert len(PLOT.findall(health)) == HEALTH_PLOTS and len(TABLE.findall(health)) == 1
+    row = health.split("<tbody>")[1].split("</tr>")[0]  # run-a, iteration 0 (see test_dashboards)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", row)
+    assert cells[:5] == ["GRPO (thinking)", "run-a", "0", "2", "1"]  # steps, skipped
+    assert "0.0625" in cells and "0.9" in cells  # log-prob mismatch, entropy
+    # Table 1: every modality cell carries its Wilson interval (the fixture stores [0, 1]).
+    table1 = text.split('id="table1"')[1].split("</table>")[0]
+    assert table1.count('<span class="ci">[0.0, 100.0]</span>') == 16  # 2 runs x 8 modalities
+    # Figure 2: the intervals are drawn as shaded bands (matplotlib writes fill-opacity 0.15).
+    dynamics = text.split('id="dynamics"')[1].split("</section>")[0]
+    svg = base64.b64decode(re.search(r"base64,([^\"]+)", dynamics).group(1)).decode()
+    assert svg.count("fill-opacity: 0.15") == 2  # run-a's ID and OOD bands
+    assert svg.count("stroke-opacity: 0.4") == 2  # run-b's lone checkpoint: an interval bar
 
 
 def test_report_is_self_contained(report_db: Path, tmp_path: Path) -> None:
@@ -113,136 +133,67 @@ def test_report_on_missing_database(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ Chromium
-class DevTools:
-    """A minimal Chrome DevTools Protocol client over the browser's websocket (flat sessions)."""
-
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
-        self.next_id = 0
-        self.events: list[dict[str, Any]] = []
-
-    def call(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
-        self.next_id += 1
-        message: dict[str, Any] = {"id": self.next_id, "method": method, "params": params or {}}
-        if session:
-            message["sessionId"] = session
-        self.ws.send(json.dumps(message))
-        while True:
-            reply = json.loads(self.ws.recv(timeout=30))
-            if reply.get("id") == self.next_id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply["result"]
-            self.events.append(reply)
-
-    def wait_for(self, method: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        if any(e.get("method") == method for e in self.events):
-            return
-        while time.monotonic() < deadline:
-            event = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
-            self.events.append(event)
-            if event.get("method") == method:
-                return
-        raise TimeoutError(f"no {method} within {timeout} s")
-
-
-def render_offline(html_path: Path, tmp_path: Path) -> tuple[dict[str, Any], list[dict]]:
-    """Open the file in headless Chromium with networking off; return the page facts and events."""
-    connect = pytest.importorskip("websockets.sync.client").connect
-    # Never route the local DevTools socket through a proxy from the environment.
-    no_proxy = {"proxy": None} if "proxy" in inspect.signature(connect).parameters else {}
-    profile = tmp_path / "chromium-profile"
-    args = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-extensions",
-        "--no-first-run",
-        "--no-default-browser-check",
-        f"--user-data-dir={profile}",
-        "--proxy-server=127.0.0.1:9",  # nothing listens there: any network request fails
-        "--remote-debugging-address=127.0.0.1",
-        "--remote-debugging-port=0",
-        "about:blank",
-    ]
-    log = (tmp_path / "chromium.log").open("w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not (port_file.is_file() and len(port_file.read_text().splitlines()) >= 2):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"chromium did not start: {(tmp_path / 'chromium.log').read_text()[-2000:]}"
-                )
-            time.sleep(0.1)
-        port, path = port_file.read_text().splitlines()[:2]
-        with connect(f"ws://127.0.0.1:{port}{path}", max_size=None, **no_proxy) as ws:
-            cdp = DevTools(ws)
-            target = cdp.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-            session = cdp.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
-                "sessionId"
-            ]
-            for domain in ("Page", "Runtime", "Log", "Network"):
-                cdp.call(f"{domain}.enable", session=session)
-            cdp.call("Page.navigate", {"url": html_path.resolve().as_uri()}, session=session)
-            cdp.wait_for("Page.loadEventFired")
-            facts = cdp.call(
-                "Runtime.evaluate",
-                {
-                    "expression": """(async () => {
-                        const images = [...document.images];
-                        const decoded = await Promise.allSettled(images.map(i => i.decode()));
-                        return {
-                            plots: document.querySelectorAll('figure.plot').length,
-                            tables: document.querySelectorAll('table.data').length,
-                            images: images.length,
-                            broken: decoded.filter(d => d.status !== 'fulfilled').length
-                                + images.filter(i => !(i.naturalWidth > 0)).length,
-                            title: document.title,
-                        };
-                    })()""",
-                    "awaitPromise": True,
-                    "returnByValue": True,
-                },
-                session=session,
-            )["result"]["value"]
-            events = list(cdp.events)
-    finally:
-        proc.terminate()
+def render_offline(
+    html_path: Path, screenshot: Path | None = None
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Open the file in headless Chromium (playwright driving the system browser, networking
+    off); return the page facts, the console errors and the network requests it made."""
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
+    )
+    errors: list[str] = []
+    requests: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,  # the system Chromium: no browser download
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--proxy-server=127.0.0.1:9",  # nothing listens there: any network request fails
+            ],
+        )
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-    return facts, events
-
-
-def console_errors(events: list[dict]) -> list[str]:
-    errors = []
-    for e in events:
-        method, params = e.get("method"), e.get("params", {})
-        if method == "Runtime.exceptionThrown":
-            errors.append(json.dumps(params["exceptionDetails"])[:300])
-        elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            errors.append(json.dumps(params.get("args"))[:300])
-        elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
-            errors.append(params["entry"]["text"])
-    return errors
-
-
-def network_requests(events: list[dict]) -> list[str]:
-    urls = [
-        e["params"]["request"]["url"]
-        for e in events
-        if e.get("method") == "Network.requestWillBeSent"
-    ]
-    return [u for u in urls if not u.startswith(("data:", "file:", "about:"))]
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on(
+                "console",
+                lambda m: (
+                    errors.append(f"console.{m.type}: {m.text}")
+                    if m.type in ("error", "assert")
+                    else None
+                ),
+            )
+            page.on("pageerror", lambda e: errors.append(f"exception: {e}"))
+            page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url[:80]}"))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(html_path.resolve().as_uri(), wait_until="load")
+            facts = page.evaluate(
+                """async () => {
+                    const images = [...document.images];
+                    const decoded = await Promise.allSettled(images.map(i => i.decode()));
+                    const count = (selector) => document.querySelectorAll(selector).length;
+                    return {
+                        plots: count('figure.plot'),
+                        tables: count('table.data'),
+                        images: images.length,
+                        broken: decoded.filter(d => d.status !== 'fulfilled').length
+                            + images.filter(i => !(i.naturalWidth > 0)).length,
+                        title: document.title,
+                        health_plots: count('#health figure.plot'),
+                        health_tables: count('#health table.data'),
+                        health_height: document.querySelector('#health')
+                            ?.getBoundingClientRect().height ?? 0,
+                    };
+                }"""
+            )
+            if screenshot is not None:
+                page.locator("#health").screenshot(path=str(screenshot))
+        finally:
+            browser.close()
+    external = [u for u in requests if not u.startswith(("data:", "file:", "about:"))]
+    return facts, errors, external
 
 
 @pytest.mark.skipif(
@@ -252,10 +203,28 @@ def network_requests(events: list[dict]) -> list[str]:
 def test_report_renders_offline_in_chromium(report_db: Path, tmp_path: Path) -> None:
     out = build_report(report_db, tmp_path / "report.html")
     plots, tables = expected_counts(report_db, {"run-a", "run-b", "run-c"})
-    facts, events = render_offline(out, tmp_path)
+    shot = tmp_path / "health.png"
+    facts, errors, requests = render_offline(out, screenshot=shot)
     assert facts["title"].startswith("kepo report")
     assert facts["plots"] == plots and plots >= 3
-    assert facts["tables"] == tables == 3
+    assert facts["tables"] == tables == 4
     assert facts["images"] == plots and facts["broken"] == 0
-    assert console_errors(events) == []
-    assert network_requests(events) == []
+    assert (facts["health_plots"], facts["health_tables"]) == (HEALTH_PLOTS, 1)
+    assert facts["health_height"] > 300  # the section has laid out its table and figures
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert errors == []
+    assert requests == []
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_the_browser_check_sees_network_requests_and_console_errors(tmp_path: Path) -> None:
+    """The checks above can fail: a page that fetches a URL and throws is caught by both."""
+    page = tmp_path / "bad.html"
+    page.write_text(
+        '<!DOCTYPE html><html><head><link rel="icon" href="data:,"><title>bad</title></head>'
+        '<body><img src="http://example.invalid/x.png">'
+        "<script>throw new Error('boom')</script></body></html>"
+    )
+    _, errors, requests = render_offline(page)
+    assert requests == ["http://example.invalid/x.png"]
+    assert any("boom" in e for e in errors)

@@ -83,7 +83,8 @@ _WRITER = textwrap.dedent(
     rows = [
         {"run_id": "r", "iteration": 0, "step": i, "global_step": i, "pass_idx": 0,
          "loss_total": value, "loss_pg": None, "loss_distill": None, "loss_kl": None,
-         "loss_sft": None, "clipfrac": None, "approx_kl": None, "gate_frac_open": None,
+         "loss_sft": None, "clipfrac": None, "approx_kl": None, "entropy": None,
+         "gate_frac_open": None,
          "grad_norm": None, "lr": value, "n_sequences": 1, "n_tokens": 1, "step_time_s": 0.0,
          "skipped": False, "skip_reason": None}
         for i in range(n)
