@@ -10,7 +10,8 @@ What it shows, on vLLM itself (tolerances in fp32):
 - the raw sampled log-probs equal vLLM's own prompt log-probs of the same tokens (atol 1e-5)
   and the Hugging Face backend's `score()` (atol 1e-4; measured max difference ~1e-6);
 - teacher top-k from vLLM prompt log-probs equals the HF scorer's top-k on the same rows, also
-  inside the rollout stage (offline distillation, hints from the vLLM teacher);
+  inside the rollout stage (offline distillation: the vLLM teacher scores exactly the gate-open
+  rows, 2 of 9 with a scripted student; its hints come from the same engine);
 - in-place reload of another checkpoint through a long-lived engine (`keep_alive`) switches
   the outputs to the new weights, equal to a freshly started engine on that checkpoint, and
   back; a checkpoint of another shape fails loudly;
@@ -198,13 +199,36 @@ def _assert_same_topk(got, expected, atol: float = 1e-4) -> None:
 
 
 def test_offline_teacher_topk_in_the_rollout_stage(
-    engine, teacher_engine, tiny_models, tmp_path, curated_bundled
+    teacher_engine, tiny_models, tmp_path, curated_bundled
 ):
-    """The rollout stage with the student and the teacher on vLLM (hints, offline top-k only
-    for gate-open rows), its teacher_topk rows equal to the HF teacher on the same rows."""
+    """The rollout stage with the teacher on vLLM: its hints, and its offline top-k for the
+    gate-open rows only, equal to the HF teacher on the same rows. The student is scripted
+    (real tokenizer) so that the gate opens for some rows and not others (a random tiny model
+    writes no well-formatted answer): sample 0 of a prompt is well formatted (total reward
+    >= 1 = tau: open), the others are malformed (closed); the first prompt gets only malformed
+    samples, so it triggers exploration and a hint from the vLLM teacher."""
+    from scripted import ScriptedBackend, answer
+
+    from kepo.models import load_processor, stop_token_ids
     from kepo.rollout import compute_rollout
     from kepo.run import Run
 
+    processor = load_processor(tiny_models[0])
+    first_prompt: list[str] = []
+
+    def respond(kind, request, sample_idx):
+        if kind == "train":
+            first_prompt[:] = first_prompt or [request.request_id]
+            if request.request_id != first_prompt[0] and sample_idx == 0:
+                return answer("A")
+        return "unsure"
+
+    student = ScriptedBackend(
+        respond,
+        name="student",
+        tokenizer=processor.tokenizer,
+        eos_id=stop_token_ids(processor)[0],
+    )
     scored: list[tuple] = []  # (requests, completion ids, top_k) of every teacher score call
 
     class RecordingTeacher:
@@ -227,12 +251,12 @@ def test_offline_teacher_topk_in_the_rollout_stage(
         data={"out_dir": str(curated_bundled)},
         algorithm={
             "name": "kepo",
-            "distill": {"mode": "offline", "top_k": 4, "gate": {"tau": 0.0, "comparator": ">="}},
+            "distill": {"mode": "offline", "top_k": 4, "gate": {"tau": 1.0, "comparator": ">="}},
         },
     )
     data["rollout"].update(
         prompts_per_iteration=3,
-        group_size=2,
+        group_size=3,
         sampling={"max_new_tokens": 12},
         exploration={
             "budget": 1,
@@ -241,11 +265,13 @@ def test_offline_teacher_topk_in_the_rollout_stage(
         },
     )
     run = Run.create(parse_config(data))
-    result = compute_rollout(run, 0, backend=engine, teacher_backend=RecordingTeacher())
+    result = compute_rollout(run, 0, backend=student, teacher_backend=RecordingTeacher())
     rollouts = result.tables["rollouts"].to_pylist()
     topk = result.tables["teacher_topk"].to_pylist()
+    trained = {(r["prompt_id"], r["sample_idx"]) for r in rollouts if r["trained"]}
     gated = {(r["prompt_id"], r["sample_idx"]) for r in rollouts if r["trained"] and r["gate_open"]}
-    assert gated and gated == {(t["prompt_id"], t["sample_idx"]) for t in topk}
+    assert len(gated) == 2 and len(trained) == 9  # 2 open rows of 9: a real selection
+    assert gated == {(t["prompt_id"], t["sample_idx"]) for t in topk}
     ((requests, ids, top_k),) = scored  # one top-k pass: exactly the gate-open rows
     assert top_k == 4 and len(requests) == len(gated)
     assert {tuple(r.request_id.split("#")) for r in requests} == {(p, str(i)) for p, i in gated}
