@@ -78,7 +78,13 @@ def test_kepo_run_on_vllm_then_audit_table1_and_report(tmp_path, tiny_models, cu
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engines in the stage's process (CI time)
     }
-    _kepo("run", str(path), env=env)
+    result = _kepo("run", str(path), env=env)
+    # keep_alive: `kepo run` runs all stages in one process, so one student engine and one
+    # teacher engine serve both iterations and every evaluation; the student gets policy
+    # versions 1 and 2 loaded in place (vLLM's own log lines say so).
+    log = result.stdout + result.stderr
+    assert log.count("Initializing a V1 LLM engine") == 2, log[-3000:]
+    assert log.count("Reloading and processing weights took") == 2, log[-3000:]
 
     db = tmp_path / "work" / "kepo.duckdb"
     store = Store(db)
