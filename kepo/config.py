@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -216,11 +217,81 @@ class ExplorationConfig(_Section):
     )
 
 
+class VLLMEngineConfig(_Section):
+    """Arguments of one vLLM engine (`vllm.LLM`), for one model role."""
+
+    tensor_parallel_size: int = _f("GPUs the model is split over (tensor parallelism).", 1, ge=1)
+    max_model_len: int | None = _f(
+        "Longest prompt + completion in tokens (image tokens included); None = the model's own.",
+        None,
+        ge=16,
+    )
+    gpu_memory_utilization: float = _f(
+        "Fraction of GPU memory the engine may take (weights + KV cache). On the CPU build: the "
+        "share of host memory that must be free at start; size its KV cache with "
+        "engine_kwargs {kv_cache_memory_bytes: N} instead.",
+        0.5,
+        gt=0.0,
+        le=1.0,
+    )
+    max_num_batched_tokens: int | None = _f(
+        "Tokens per engine step; None = vLLM's default. Keep it above one batch's prompt tokens "
+        "on the CPU build: per-request seeds fail there when chunked prefill splits a prompt.",
+        None,
+        ge=16,
+    )
+    enable_chunked_prefill: bool | None = _f(
+        "Split long prefills across steps; None = vLLM's default.", None
+    )
+    enforce_eager: bool = _f("Skip CUDA-graph capture (faster start, slower decoding).", False)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = _f(
+        "Engine dtype; None = models.dtype.", None
+    )
+    enable_sleep_mode: bool = _f(
+        "Allow sleep()/wake_up() to free GPU memory between rollouts (CUDA/ROCm only; ignored "
+        "with a warning where the platform lacks it).",
+        False,
+    )
+    max_logprobs: int = _f(
+        "Most log-probs per token the engine returns; must cover algorithm.distill.top_k.", 64, ge=1
+    )
+    keep_alive: bool = _f(
+        "Keep the engine between stages of one process (a long-lived worker) and load each new "
+        "checkpoint in place instead of starting a new engine.",
+        False,
+    )
+    engine_kwargs: dict[str, Any] = _f(
+        "Further `vllm.LLM` arguments, passed as given (e.g. {'swap_space': 4}).",
+        default_factory=dict,
+    )
+
+
+class VLLMConfig(_Section):
+    """vLLM engines: the student (rollouts and evaluation) and the teacher (hints, top-k)."""
+
+    student: VLLMEngineConfig = _f(
+        "Engine of the policy (rollouts, old log-probs, evaluation).",
+        default_factory=VLLMEngineConfig,
+    )
+    teacher: VLLMEngineConfig = _f(
+        "Engine of the teacher (hints, offline top-k) and of a separate reference model.",
+        default_factory=VLLMEngineConfig,
+    )
+
+
 class RolloutConfig(_Section):
     """The rollout stage."""
 
     backend: Literal["hf", "vllm"] = _f(
-        "Generation backend: Hugging Face generate (CPU/GPU) or vLLM (GPU).", "hf"
+        "Generation backend: Hugging Face generate (CPU/GPU) or vLLM (GPU, or its CPU build).",
+        "hf",
+    )
+    teacher_backend: Literal["hf", "vllm"] | None = _f(
+        "Backend of the teacher and reference models; None = rollout.backend.", None
+    )
+    vllm: VLLMConfig = _f(
+        "vLLM engine settings (rollout.backend or teacher_backend = vllm).",
+        default_factory=VLLMConfig,
     )
     prompts_per_iteration: int = _f("Training prompts per iteration (the rollout batch).", 16, ge=1)
     group_size: int = _f("Trajectories G sampled per prompt.", 8, ge=2)
@@ -233,9 +304,36 @@ class RolloutConfig(_Section):
         "Knowledge-enhanced exploration.", default_factory=ExplorationConfig
     )
     shards: int = _f("Split the rollout into this many shards (parallel Prefect tasks).", 1, ge=1)
-    vllm_gpu_memory_utilization: float = _f(
-        "vLLM: fraction of GPU memory for the engine.", 0.5, gt=0.0, le=1.0
-    )
+
+    @property
+    def teacher_backend_name(self) -> Literal["hf", "vllm"]:
+        return self.teacher_backend or self.backend
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_names(cls, data: Any) -> Any:
+        """`vllm_gpu_memory_utilization` (older configs and stored runs) moved to
+        `vllm.student.gpu_memory_utilization`."""
+        if isinstance(data, dict) and "vllm_gpu_memory_utilization" in data:
+            data = dict(data)
+            value = data.pop("vllm_gpu_memory_utilization")
+            engines = dict(data.get("vllm") or {})
+            student = dict(engines.get("student") or {})
+            if "gpu_memory_utilization" in student:
+                raise ValueError(
+                    "vllm_gpu_memory_utilization (deprecated) and "
+                    "vllm.student.gpu_memory_utilization are both set: keep only the second"
+                )
+            student["gpu_memory_utilization"] = value
+            engines["student"] = student
+            data["vllm"] = engines
+            warnings.warn(
+                "rollout.vllm_gpu_memory_utilization is deprecated: use "
+                "rollout.vllm.student.gpu_memory_utilization",
+                FutureWarning,
+                stacklevel=2,
+            )
+        return data
 
 
 # ---------------------------------------------------------------------------------- algorithm
@@ -459,6 +557,18 @@ class RunConfig(_Section):
             raise ValueError(
                 f"rollout.exploration.inject_k ({self.rollout.exploration.inject_k}) exceeds "
                 f"rollout.group_size ({self.rollout.group_size}): lower inject_k or raise group_size"
+            )
+        distill = self.algorithm.distill
+        teacher_engine = self.rollout.vllm.teacher
+        if (
+            self.rollout.teacher_backend_name == "vllm"
+            and distill.mode == "offline"
+            and distill.top_k > teacher_engine.max_logprobs
+        ):
+            raise ValueError(
+                f"algorithm.distill.top_k ({distill.top_k}) exceeds "
+                f"rollout.vllm.teacher.max_logprobs ({teacher_engine.max_logprobs}): raise "
+                "max_logprobs or lower top_k"
             )
         return self
 

@@ -231,21 +231,13 @@ def _stored_question_ids(run: Run, checkpoint: int) -> dict[str, set[str]]:
 
 
 def _make_backend(run: Run, model_path: Path) -> Any:
-    from kepo.generation import make_backend
+    from kepo.generation import open_backend
 
-    cfg = run.config
     if not Path(model_path).is_dir():
         raise FileNotFoundError(
             f"model folder {model_path} does not exist; pass --model DIR or train the checkpoint first"
         )
-    return make_backend(
-        cfg.rollout.backend,
-        model_path,
-        dtype=cfg.models.dtype,
-        device=cfg.models.device,
-        generation_batch_size=cfg.eval.batch_size,
-        scoring_batch_size=cfg.rollout.scoring_batch_size,
-    )
+    return open_backend(run.config, "student", model_path, purpose="eval")
 
 
 def _sampling_params(run: Run) -> Any:

@@ -197,7 +197,7 @@ class _Backends:
         if self._given[role] is not None:
             return self._given[role]
         if role not in self._made:
-            self._made[role] = _make_backend(self.run, self.path(role))
+            self._made[role] = _make_backend(self.run, self.path(role), role)
         return self._made[role]
 
     def close(self) -> None:
@@ -206,26 +206,12 @@ class _Backends:
         self._made.clear()
 
 
-def _make_backend(run: Run, path: Path) -> GenerationBackend:
-    from kepo.generation import make_backend
+def _make_backend(run: Run, path: Path, role: str = "student") -> GenerationBackend:
+    from kepo.generation import open_backend
 
-    cfg = run.config
     if not path.is_dir():
         raise RolloutError(f"model folder {path} does not exist; build or download it first")
-    extra: dict[str, Any] = {}
-    if cfg.rollout.backend == "hf":
-        extra["attn_implementation"] = cfg.models.attn_implementation
-    else:
-        extra["gpu_memory_utilization"] = cfg.rollout.vllm_gpu_memory_utilization
-    return make_backend(
-        cfg.rollout.backend,
-        path,
-        dtype=cfg.models.dtype,
-        device=cfg.models.device,
-        generation_batch_size=cfg.rollout.generation_batch_size,
-        scoring_batch_size=cfg.rollout.scoring_batch_size,
-        **extra,
-    )
+    return open_backend(run.config, role, path)  # type: ignore[arg-type]
 
 
 def _same_folder(a: Path, b: Path) -> bool:

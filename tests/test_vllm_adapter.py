@@ -1,10 +1,12 @@
-"""The vLLM adapter against a recording stand-in of the vllm API.
+"""The vLLM adapter against a recording stand-in of a CUDA build of the vllm API.
 
-This proves the ADAPTER, not vLLM: that `VLLMBackend` builds the engine arguments, prompts
-and per-request `SamplingParams` it documents, and parses `RequestOutput` / `CompletionOutput`
-/ `prompt_logprobs` structures of the shape vLLM returns (as documented in vllm.outputs and
-vllm.sampling_params). Whether a real engine honours them (raw log-probs, seeds, image
-expansion, in-place weight reload) is checked by tests/gpu/test_vllm_smoke.py on a GPU.
+The proof that the adapter works is tests/test_vllm_engine.py, on a real engine (vLLM's CPU
+build: generation with images, seeds, raw log-probs against vLLM's prompt log-probs and the HF
+backend, teacher top-k, in-place reload). This file keeps what that engine cannot show, and
+runs where vLLM is not installed: the arguments a CUDA build receives (config engine settings,
+no CPU chunked-prefill override), sleep mode with tags around an in-place reload (the CPU build
+has no sleep mode), outputs a healthy engine does not produce (aborted, unordered samples), and
+the exact request/`SamplingParams` fields sent.
 
 The stand-in mimics only the surface the adapter uses: `LLM(**engine_kwargs)`,
 `LLM.generate(prompts, sampling_params=..., use_tqdm=...)`, `LLM.collective_rpc(name, args=...)`,
@@ -16,7 +18,7 @@ expands one `<|image_pad|>` into 4 tokens in token prompts, as vLLM's multi-moda
 from __future__ import annotations
 
 import random
-import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,14 +26,7 @@ import pytest
 from PIL import Image
 
 from kepo.generation import GenerationRequest, SamplingParams
-from kepo.generation.vllm import (
-    WORKER_EXTENSION,
-    CheckpointReloadExtension,
-    VLLMBackend,
-    iter_safetensors,
-    model_load_checkpoint,
-    vllm_seed,
-)
+from kepo.generation.vllm import VLLMBackend, vllm_seed
 from kepo.models import load_processor, stop_token_ids, vision_token_ids
 from kepo.prompts import PromptItem, build_messages
 
@@ -124,20 +119,31 @@ class RecordingLLM:
 
     # ---- engine control
     def collective_rpc(self, method, args=(), kwargs=None):
-        self.calls.append(("collective_rpc", method, args))
+        self.calls.append(("collective_rpc", method, kwargs))
+        if method != "reload_weights":
+            raise AttributeError(f"worker has no method {method!r}")
+        if not any(Path(kwargs["weights_path"]).glob("*.safetensors")):
+            raise ValueError("no weights")
         return [None]
 
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache",))
+        return True
 
     def sleep(self, level=1):
         self.calls.append(("sleep", level))
 
-    def wake_up(self):
-        self.calls.append(("wake_up",))
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+        return True
 
 
-STAND_IN = SimpleNamespace(LLM=RecordingLLM, SamplingParams=RecordingSamplingParams)
+STAND_IN = SimpleNamespace(
+    LLM=RecordingLLM,
+    SamplingParams=RecordingSamplingParams,
+    platform="cuda",
+    sleep_mode_available=True,
+)
 ITEMS = [
     PromptItem("q1", "What imaging modality is shown?", ("CT", "MRI", "X-Ray", "Ultrasound"), "B"),
     PromptItem("q2", "Which organ is enlarged?", ("Liver", "Kidney"), "A"),
@@ -171,12 +177,81 @@ def test_engine_arguments(backend, tiny_models):
     kwargs = backend.llm.engine_kwargs
     assert kwargs["model"] == str(tiny_models[0])
     assert kwargs["logprobs_mode"] == "raw_logprobs"
-    assert kwargs["worker_extension_cls"] == WORKER_EXTENSION
     assert kwargs["limit_mm_per_prompt"] == {"image": 1, "video": 0}
     assert kwargs["gpu_memory_utilization"] == 0.3
     assert kwargs["max_logprobs"] >= 32  # room for the offline teacher top-k
-    module, name = WORKER_EXTENSION.rsplit(".", 1)
-    assert getattr(sys.modules[module], name) is CheckpointReloadExtension
+    assert "worker_extension_cls" not in kwargs  # vLLM's own reload_weights does the reload
+    assert "enable_chunked_prefill" not in kwargs  # the CPU-only override stays off on CUDA
+
+
+def test_engine_settings_come_from_the_config_per_role(tiny_models, monkeypatch):
+    from kepo.config import parse_config
+    from kepo.generation import factory
+
+    monkeypatch.setattr("kepo.generation.vllm.import_vllm", lambda: STAND_IN)
+    monkeypatch.setattr("kepo.generation.vllm.load_processor", lambda path: load_processor(path))
+    cfg = parse_config(
+        {
+            "models": {"student": str(tiny_models[0]), "teacher": str(tiny_models[1])},
+            "rollout": {
+                "backend": "vllm",
+                "vllm": {
+                    "student": {
+                        "tensor_parallel_size": 2,
+                        "max_model_len": 2048,
+                        "gpu_memory_utilization": 0.4,
+                        "max_num_batched_tokens": 16384,
+                        "enforce_eager": True,
+                        "dtype": "bfloat16",
+                        "enable_sleep_mode": True,
+                        "engine_kwargs": {"swap_space": 4},
+                    },
+                    "teacher": {"gpu_memory_utilization": 0.3, "max_logprobs": 40},
+                },
+            },
+        }
+    )
+    student = factory.open_backend(cfg, "student", tiny_models[0])
+    teacher = factory.open_backend(cfg, "teacher", tiny_models[1])
+    s, t = student.llm.engine_kwargs, teacher.llm.engine_kwargs
+    assert (s["tensor_parallel_size"], s["max_model_len"], s["gpu_memory_utilization"]) == (
+        2,
+        2048,
+        0.4,
+    )
+    assert s["max_num_batched_tokens"] == 16384 and s["enforce_eager"] is True
+    assert s["dtype"] == "bfloat16" and s["enable_sleep_mode"] is True and s["swap_space"] == 4
+    assert t["gpu_memory_utilization"] == 0.3 and t["max_logprobs"] == 40
+    assert t["dtype"] == "float32" and t["tensor_parallel_size"] == 1  # models.dtype, defaults
+    assert "max_model_len" not in t
+    # a teacher on another backend than the student
+    cfg.rollout.teacher_backend = "hf"
+    assert factory.backend_kind(cfg, "teacher") == "hf"
+    assert factory.backend_kind(cfg, "student") == "vllm"
+
+
+def test_deprecated_memory_setting_moves_to_the_student_engine():
+    from kepo.config import ConfigError, parse_config
+
+    with pytest.warns(FutureWarning, match="vllm.student.gpu_memory_utilization"):
+        cfg = parse_config({"rollout": {"vllm_gpu_memory_utilization": 0.7}})
+    assert cfg.rollout.vllm.student.gpu_memory_utilization == 0.7
+    with pytest.raises(ConfigError, match="keep only the second"):
+        parse_config(
+            {
+                "rollout": {
+                    "vllm_gpu_memory_utilization": 0.7,
+                    "vllm": {"student": {"gpu_memory_utilization": 0.2}},
+                }
+            }
+        )
+    with pytest.raises(ConfigError, match="max_logprobs"):
+        parse_config(
+            {
+                "rollout": {"backend": "vllm", "vllm": {"teacher": {"max_logprobs": 8}}},
+                "algorithm": {"name": "kepo", "distill": {"mode": "offline", "top_k": 32}},
+            }
+        )
 
 
 def test_generate_builds_one_request_per_prompt_with_its_own_seed(backend):
@@ -279,39 +354,67 @@ def test_score_skips_empty_completions_and_checks_top_k(backend):
 
 def test_load_policy_reloads_in_place_then_drops_the_prefix_cache(backend, tiny_models, tmp_path):
     backend.load_policy(tiny_models[1])
+    weights = {"weights_path": str(tiny_models[1].resolve())}
     assert backend.llm.calls == [
-        ("collective_rpc", "kepo_load_checkpoint", (str(tiny_models[1].resolve()),)),
+        ("collective_rpc", "reload_weights", weights),
         ("reset_prefix_cache",),
     ]
+    assert backend.model_path == tiny_models[1]
     with pytest.raises(FileNotFoundError, match="safetensors"):
         backend.load_policy(tmp_path)
-    backend.sleep(level=1)
-    backend.wake_up()
-    assert backend.llm.calls[-2:] == [("sleep", 1), ("wake_up",)]
 
 
-def test_cpu_device_is_refused(tiny_models):
-    with pytest.raises(ValueError, match="CUDA GPUs only"):
+def test_reload_failure_is_loud(backend, tiny_models, monkeypatch):
+    def broken(method, args=(), kwargs=None):
+        raise ImportError("a missing loader module")
+
+    monkeypatch.setattr(backend.llm, "collective_rpc", broken)
+    with pytest.raises(RuntimeError, match=r"could not reload the weights.*ImportError"):
+        backend.load_policy(tiny_models[1])
+    assert backend.model_path == tiny_models[0]  # still names what the engine really holds
+    monkeypatch.undo()
+    backend.llm.reset_prefix_cache = lambda: False
+    with pytest.raises(RuntimeError, match="prefix cache"):
+        backend.load_policy(tiny_models[1])
+
+
+def test_sleep_wakes_weights_before_the_reload_and_the_kv_cache_after(tiny_models):
+    processor = load_processor(tiny_models[0])
+    backend = VLLMBackend(
+        tiny_models[0], vllm_module=STAND_IN, processor=processor, enable_sleep_mode=True
+    )
+    assert backend.llm.engine_kwargs["enable_sleep_mode"] is True
+    assert backend.wake_up() is False  # not asleep: nothing to do
+    assert backend.sleep(level=1) is True and backend.asleep
+    backend.load_policy(tiny_models[1])
+    weights = {"weights_path": str(tiny_models[1].resolve())}
+    assert backend.llm.calls == [
+        ("sleep", 1),
+        ("wake_up", ["weights"]),
+        ("collective_rpc", "reload_weights", weights),
+        ("wake_up", ["kv_cache"]),
+        ("reset_prefix_cache",),
+    ]
+    assert not backend.asleep
+    backend.sleep(level=2)
+    assert backend.wake_up() is True and not backend.asleep
+    assert backend.llm.calls[-2:] == [("sleep", 2), ("wake_up", None)]
+
+
+def test_sleep_mode_is_dropped_where_the_platform_lacks_it(tiny_models, caplog):
+    no_sleep = SimpleNamespace(**{**vars(STAND_IN), "sleep_mode_available": False})
+    backend = VLLMBackend(
+        tiny_models[0], vllm_module=no_sleep, enable_sleep_mode=True, device="cuda"
+    )
+    assert "sleep mode is not available" in caplog.text
+    assert backend.llm.engine_kwargs["enable_sleep_mode"] is False
+    assert backend.sleep() is False and backend.llm.calls == []
+
+
+def test_device_must_match_the_installed_build(tiny_models):
+    with pytest.raises(ValueError, match="installed vLLM is its cuda build"):
         VLLMBackend(tiny_models[0], device="cpu", vllm_module=STAND_IN)
-
-
-def test_worker_extension_streams_the_checkpoint_into_load_weights(tiny_models, monkeypatch):
-    from safetensors.torch import load_file
-
-    loaded: list[tuple[str, tuple]] = []
-    model = SimpleNamespace(
-        load_weights=lambda weights: loaded.extend((n, tuple(t.shape)) for n, t in weights)
-    )
-    worker = SimpleNamespace(
-        model_runner=SimpleNamespace(model=model), model_config=None, device="cpu"
-    )
-    # Without vLLM's post-processing helper the extension must still load plain weights.
-    monkeypatch.setitem(sys.modules, "vllm.model_executor.model_loader.utils", None)
-    count = CheckpointReloadExtension.kepo_load_checkpoint(worker, str(tiny_models[0]))
-    state = load_file(str(tiny_models[0] / "model.safetensors"))
-    assert count == len(state) == len(loaded)
-    assert sorted(loaded) == sorted((name, tuple(t.shape)) for name, t in state.items())
-    assert any(name.startswith("model.visual") for name, _ in loaded)
-    assert len(list(iter_safetensors(tiny_models[0]))) == model_load_checkpoint(
-        SimpleNamespace(load_weights=list), tiny_models[0]
-    )
+    cpu_build = SimpleNamespace(**{**vars(STAND_IN), "platform": "cpu"})
+    backend = VLLMBackend(tiny_models[0], device="cpu", vllm_module=cpu_build, max_model_len=512)
+    assert backend.llm.engine_kwargs["enable_chunked_prefill"] is False
+    assert backend.llm.engine_kwargs["max_num_batched_tokens"] == 8192

