@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from flows.runners import fail_once, shard_placement, task_runner_for
 from kepo.config import load_config
 from kepo.pipeline import PlannedStage, execute, is_done, iteration_plan, run_plan
 from kepo.run import Run
@@ -41,6 +42,7 @@ def rollout_shard_task(
     out = (
         run.workdir / "shards" / run_id / f"iteration-{iteration:04d}" / f"shard-{shard_index:03d}"
     )
+    fail_once(shard_index, out)
     return str(rollout_shard(run, iteration, shard_index, n_shards, out))
 
 
@@ -60,12 +62,25 @@ def commit_shards_task(workdir: str, run_id: str, iteration: int, shard_dirs: li
     return len(shard_dirs)
 
 
+@flow(name="rollout-shards")
+def rollout_shards_flow(workdir: str, run_id: str, iteration: int, n_shards: int) -> list[str]:
+    """The shard tasks of one rollout, under the task runner of `rollout.task_runner`."""
+    rollout = _open(workdir, run_id).config.rollout
+    shard_task = rollout_shard_task.with_options(retries=rollout.shard_retries)
+    with shard_placement(rollout):
+        futures = [
+            shard_task.submit(workdir, run_id, iteration, i, n_shards) for i in range(n_shards)
+        ]
+    return [f.result() for f in futures]
+
+
 def sharded_rollout(workdir: str, run_id: str, iteration: int, n_shards: int) -> None:
     """Fan the rollout out over `n_shards` parallel tasks, then commit once."""
-    futures = [
-        rollout_shard_task.submit(workdir, run_id, iteration, i, n_shards) for i in range(n_shards)
-    ]
-    commit_shards_task(workdir, run_id, iteration, [f.result() for f in futures])
+    rollout = _open(workdir, run_id).config.rollout
+    shards_flow = rollout_shards_flow.with_options(task_runner=task_runner_for(rollout))
+    commit_shards_task(
+        workdir, run_id, iteration, shards_flow(workdir, run_id, iteration, n_shards)
+    )
 
 
 @flow(name="kepo-iteration", log_prints=True)
