@@ -166,6 +166,10 @@ class ModelsConfig(_Section):
         "'64GiB'}; None = accelerate's default (all free memory).",
         None,
     )
+    teacher_offload_folder: Path | None = _f(
+        "Folder for teacher modules that teacher_device_map puts on 'disk' (slow; a last resort).",
+        None,
+    )
 
     @model_validator(mode="after")
     def _max_memory_needs_map(self) -> ModelsConfig:

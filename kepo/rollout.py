@@ -197,7 +197,7 @@ class _Backends:
         if self._given[role] is not None:
             return self._given[role]
         if role not in self._made:
-            self._made[role] = _make_backend(self.run, self.path(role))
+            self._made[role] = _make_backend(self.run, self.path(role), role=role)
         return self._made[role]
 
     def close(self) -> None:
@@ -206,8 +206,9 @@ class _Backends:
         self._made.clear()
 
 
-def _make_backend(run: Run, path: Path) -> GenerationBackend:
+def _make_backend(run: Run, path: Path, role: str = "student") -> GenerationBackend:
     from kepo.generation import make_backend
+    from kepo.models import teacher_placement
 
     cfg = run.config
     if not path.is_dir():
@@ -215,6 +216,8 @@ def _make_backend(run: Run, path: Path) -> GenerationBackend:
     extra: dict[str, Any] = {}
     if cfg.rollout.backend == "hf":
         extra["attn_implementation"] = cfg.models.attn_implementation
+        if role == "teacher":
+            extra.update(teacher_placement(cfg.models))
     else:
         extra["gpu_memory_utilization"] = cfg.rollout.vllm_gpu_memory_utilization
     return make_backend(
