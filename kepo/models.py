@@ -386,11 +386,13 @@ def placement_summary(model: torch.nn.Module) -> dict[str, int]:
     counts: dict[str, int] = {}
     if device_map:
         modules = dict(model.named_modules())
+        seen: set[int] = set()  # tied weights (lm_head = embed_tokens) count once
         for name, device in device_map.items():
             module = modules.get(name, model) if name else model
-            n = sum(p.numel() for p in module.parameters())
+            params = [p for p in module.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in params)
             key = f"cuda:{device}" if isinstance(device, int) else str(device)
-            counts[key] = counts.get(key, 0) + n
+            counts[key] = counts.get(key, 0) + sum(p.numel() for p in params)
         return counts
     for p in model.parameters():
         counts[str(p.device)] = counts.get(str(p.device), 0) + p.numel()

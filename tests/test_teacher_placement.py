@@ -63,6 +63,7 @@ def test_explicit_map_with_disk_offload_scores_like_the_plain_load(
     model = load_model(teacher_dir, device_map=device_map, offload_folder=tmp_path / "offload")
     placed = placement_summary(model)
     assert set(placed) == {"cpu", "disk"} and placed["disk"] > 0  # really split
+    assert sum(placed.values()) == sum(p.numel() for p in load_model(teacher_dir).parameters())
     assert input_device(model) == torch.device("cpu")
     with torch.no_grad():
         logprobs, _ = completion_token_logprobs(model, batch)
