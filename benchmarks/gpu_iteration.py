@@ -50,7 +50,7 @@ from kepo.losses import (
     policy_loss,
     token_logprobs,
 )
-from kepo.models import load_model, placement_summary
+from kepo.models import input_device, load_model, placement_summary
 
 # Larger teachers: Qwen3-VL-4B / 8B-shaped text towers on the 2B vision tower's layout.
 TEACHERS = {
@@ -150,7 +150,7 @@ def suppressed(model) -> list[int]:
 
 
 def device_of(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    return input_device(model)
 
 
 @torch.no_grad()

@@ -407,7 +407,12 @@ def input_device(model: torch.nn.Module) -> torch.device:
         device = embeddings.weight.device
         if device.type != "meta":
             return device
-    return next(model.parameters()).device
+    # Offloaded weights sit on 'meta'; accelerate then runs them on the first GPU of the map.
+    gpus = [d for d in (getattr(model, "hf_device_map", None) or {}).values() if isinstance(d, int)]
+    if gpus:
+        return torch.device("cuda", min(gpus))
+    device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def load_policy(
