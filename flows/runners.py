@@ -42,10 +42,11 @@ def _require_prefect_ray() -> Any:
     return RayTaskRunner
 
 
-def task_runner_for(config: RolloutConfig) -> TaskRunner:
-    """The Prefect task runner the rollout shard tasks run under."""
+def task_runner_for(config: RolloutConfig, n_shards: int | None = None) -> TaskRunner:
+    """The Prefect task runner the shard tasks of a stage run under (`n_shards` parallel
+    threads in-process; default `rollout.shards`)."""
     if config.task_runner == "inprocess":
-        return ThreadPoolTaskRunner(max_workers=max(1, config.shards))
+        return ThreadPoolTaskRunner(max_workers=max(1, n_shards or config.shards))
     ray_task_runner = _require_prefect_ray()
     init_kwargs: dict[str, Any] = {}
     if config.ray_address is None:

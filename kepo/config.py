@@ -412,6 +412,12 @@ class EvalConfig(_Section):
     max_items_per_modality: int | None = _f(
         "Evaluate at most this many test items per modality (None = all).", None, ge=1
     )
+    shards: int = _f(
+        "Split the evaluation into this many shard tasks, modalities dealt round-robin; they run "
+        "where rollout.task_runner says (with rollout.shard_resources on Ray).",
+        1,
+        ge=1,
+    )
 
 
 class StoreConfig(_Section):

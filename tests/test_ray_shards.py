@@ -88,7 +88,24 @@ def unsharded_rows(tmp_path_factory, tiny_models, curated_bundled, prefect_harne
     run = Run.create(load_config(config))
     state = kepo_iteration(run.run_id, 0, workdir=str(run.workdir), return_state=True)
     assert state.is_completed(), state
-    return rollout_rows(run)
+    evaluate_version_0(run)
+    return {"rollouts": rollout_rows(run), **eval_rows(run)}
+
+
+def evaluate_version_0(run: Run) -> None:
+    from flows.iteration import run_stage_sharded
+    from kepo.pipeline import PlannedStage
+
+    run_stage_sharded(str(run.workdir), run.run_id, PlannedStage(0, "evaluate"))
+
+
+def eval_rows(run: Run) -> dict[str, list[dict]]:
+    return {
+        table: run.store.query(
+            f"SELECT * EXCLUDE (run_id) FROM {table} WHERE iteration = 0 ORDER BY ALL"
+        ).to_pylist()
+        for table in ("eval_predictions", "eval_metrics")
+    }
 
 
 def rollout_rows(run: Run) -> list[dict]:
@@ -122,6 +139,7 @@ def run_on_ray(tmp_path, tiny_models, curated_bundled, monkeypatch, fail: str) -
             "rollout.task_runner": "ray",
             "rollout.shard_resources": {"num_cpus": 1},
             "rollout.shard_retries": 1,
+            "eval.shards": 2,
         },
     )
     run = Run.create(load_config(config))
@@ -141,7 +159,14 @@ def test_ray_shards_equal_unsharded_and_a_failed_shard_is_retried(
     run = run_on_ray(tmp_path, tiny_models, curated_bundled, monkeypatch, fail="1:raise")
     # Shard 1 raised on its first attempt (the marker) and its rerun's rows were committed.
     assert (shard_folder(run, 1).parent / "shard-001.failed-once").read_text() == "raise"
-    assert_same_rows(unsharded_rows, rollout_rows(run))
+    assert_same_rows(unsharded_rows["rollouts"], rollout_rows(run))
+    # Evaluation in 2 shards on Ray (modalities dealt round-robin) equals the unsharded one.
+    evaluate_version_0(run)
+    sharded = eval_rows(run)
+    assert len(unsharded_rows["eval_metrics"]) > 1
+    for table in ("eval_predictions", "eval_metrics"):
+        assert sharded[table] == unsharded_rows[table], table
+    assert stage_rows(run.store)[(0, "evaluate")]["status"] == "succeeded"
     assert_no_duplicates(run.store)
     assert stage_rows(run.store)[(0, "rollout")]["status"] == "succeeded"
     manifests = sorted(p.parent.name for p in run.workdir.rglob("manifest.json"))
@@ -155,5 +180,21 @@ def test_a_shard_whose_ray_worker_dies_is_rerun(
     # os._exit in the shard task: had it run in this process, the test process would be gone.
     run = run_on_ray(tmp_path, tiny_models, curated_bundled, monkeypatch, fail="0:exit")
     assert (shard_folder(run, 0).parent / "shard-000.failed-once").read_text() == "exit"
-    assert_same_rows(unsharded_rows, rollout_rows(run))
+    assert_same_rows(unsharded_rows["rollouts"], rollout_rows(run))
     assert_no_duplicates(run.store)
+
+
+def test_inprocess_evaluation_shards_equal_unsharded(
+    tmp_path, tiny_models, curated_bundled, prefect_harness
+) -> None:
+    rows = {}
+    for shards in (1, 3):
+        config = write_config(
+            tmp_path / f"e{shards}", curated_bundled, tiny_models, **{"eval.shards": shards}
+        )
+        run = Run.create(load_config(config))
+        evaluate_version_0(run)
+        rows[shards] = eval_rows(run)
+        assert stage_rows(run.store)[(0, "evaluate")]["status"] == "succeeded"
+    assert len(rows[1]["eval_metrics"]) > 3  # more modalities than shards
+    assert rows[3] == rows[1]
