@@ -413,8 +413,8 @@ class EvalConfig(_Section):
         "Evaluate at most this many test items per modality (None = all).", None, ge=1
     )
     shards: int = _f(
-        "Split the evaluation into this many shard tasks, modalities dealt round-robin; they run "
-        "where rollout.task_runner says (with rollout.shard_resources on Ray).",
+        "Split the evaluation into this many shard tasks, modalities dealt round-robin, run as "
+        "Ray tasks with rollout.shard_resources (needs rollout.task_runner: ray).",
         1,
         ge=1,
     )
@@ -483,6 +483,12 @@ class RunConfig(_Section):
             raise ValueError(
                 f"rollout.exploration.inject_k ({self.rollout.exploration.inject_k}) exceeds "
                 f"rollout.group_size ({self.rollout.group_size}): lower inject_k or raise group_size"
+            )
+        if self.eval.shards > 1 and self.rollout.task_runner != "ray":
+            raise ValueError(
+                f"eval.shards={self.eval.shards} needs rollout.task_runner: ray (evaluation shards "
+                "write to the store, which threads of one process cannot share): set "
+                "rollout.task_runner to ray or eval.shards to 1"
             )
         return self
 

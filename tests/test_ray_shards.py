@@ -184,17 +184,8 @@ def test_a_shard_whose_ray_worker_dies_is_rerun(
     assert_no_duplicates(run.store)
 
 
-def test_inprocess_evaluation_shards_equal_unsharded(
-    tmp_path, tiny_models, curated_bundled, prefect_harness
-) -> None:
-    rows = {}
-    for shards in (1, 3):
-        config = write_config(
-            tmp_path / f"e{shards}", curated_bundled, tiny_models, **{"eval.shards": shards}
-        )
-        run = Run.create(load_config(config))
-        evaluate_version_0(run)
-        rows[shards] = eval_rows(run)
-        assert stage_rows(run.store)[(0, "evaluate")]["status"] == "succeeded"
-    assert len(rows[1]["eval_metrics"]) > 3  # more modalities than shards
-    assert rows[3] == rows[1]
+def test_evaluation_shards_need_ray(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("eval:\n  shards: 2\n")
+    with pytest.raises(ConfigError, match=r"eval\.shards=2 needs rollout\.task_runner: ray"):
+        load_config(path)
