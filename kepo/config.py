@@ -157,8 +157,9 @@ class ModelsConfig(_Section):
     )
     # --- teacher placement (kepo.models.teacher_placement) ---
     teacher_device_map: str | dict[str, int | str] | None = _f(
-        "Split the Hugging Face teacher across devices: 'auto' / 'balanced' / 'sequential' or an "
-        "explicit {module: device} map (accelerate); None = the whole teacher on models.device.",
+        "Split the Hugging Face teacher (hf rollout backend and trainer) across devices: 'auto' / "
+        "'balanced' / 'sequential' or an explicit {module: device} map (accelerate); None = the "
+        "whole teacher on models.device.",
         None,
     )
     teacher_max_memory: dict[str | int, str] | None = _f(

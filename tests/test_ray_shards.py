@@ -13,6 +13,7 @@ from test_flows import assert_no_duplicates, stage_rows, write_config
 
 from kepo.config import ConfigError, RolloutConfig, load_config
 from kepo.run import Run
+from kepo.store import Store
 
 COLUMNS = (
     "prompt_id, sample_idx, slot, source, trained, completion_ids, sampled_logprobs, "
@@ -189,3 +190,32 @@ def test_evaluation_shards_need_ray(tmp_path) -> None:
     path.write_text("eval:\n  shards: 2\n")
     with pytest.raises(ConfigError, match=r"eval\.shards=2 needs rollout\.task_runner: ray"):
         load_config(path)
+
+
+@pytest.mark.slow
+def test_kepo_run_on_ray_equals_the_inprocess_run(
+    tmp_path, tiny_models, curated_bundled, prefect_harness, local_ray
+) -> None:
+    """Two iterations through `kepo_run`: rollout and evaluation in 2 Ray shards each give the
+    Table 1 rows (eval_metrics) and predictions of the unsharded in-process run."""
+    from flows.iteration import kepo_run
+
+    tables = {}
+    for name, overrides in {
+        "inprocess": {},
+        "ray": {
+            "rollout.task_runner": "ray",
+            "rollout.shards": 2,
+            "rollout.shard_resources": {"num_cpus": 1},
+            "eval.shards": 2,
+        },
+    }.items():
+        config = write_config(tmp_path / name, curated_bundled, tiny_models, **overrides)
+        store = Store(kepo_run(str(config)))
+        tables[name] = {
+            table: store.query(f"SELECT * EXCLUDE (run_id) FROM {table} ORDER BY ALL").to_pylist()
+            for table in ("eval_metrics", "eval_predictions")
+        }
+        assert_no_duplicates(store)
+    assert {r["iteration"] for r in tables["ray"]["eval_metrics"]} == {0, 1, 2}
+    assert tables["ray"] == tables["inprocess"]

@@ -185,8 +185,8 @@ class HFBackend:
         max_memory: Any = None,
         offload_folder: str | Path | None = None,
     ) -> HFBackend:
-        """`device_map` / `max_memory` / `offload_folder` split the model across devices (kepo.models.load_model);
-        `device` is then ignored."""
+        """Load a local folder; `device_map` / `max_memory` / `offload_folder` split the model
+        across devices (kepo.models.load_model), and `device` is then ignored."""
         model, processor = load_policy(
             path,
             dtype=dtype,
