@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows.helpers import forward_kepo_logs, publish_iteration_artifacts, writer_slot
+from flows.runners import fail_once, shard_placement, task_runner_for
 from kepo.config import load_config
 from kepo.pipeline import PlannedStage, execute, is_done, iteration_plan, run_plan
 from kepo.run import Run
@@ -43,6 +44,7 @@ def rollout_shard_task(
     out = (
         run.workdir / "shards" / run_id / f"iteration-{iteration:04d}" / f"shard-{shard_index:03d}"
     )
+    fail_once(shard_index, out)
     return str(rollout_shard(run, iteration, shard_index, n_shards, out))
 
 
@@ -63,12 +65,64 @@ def commit_shards_task(workdir: str, run_id: str, iteration: int, shard_dirs: li
     return len(shard_dirs)
 
 
+@flow(name="rollout-shards")
+def rollout_shards_flow(workdir: str, run_id: str, iteration: int, n_shards: int) -> list[str]:
+    """The shard tasks of one rollout, under the task runner of `rollout.task_runner`."""
+    rollout = _open(workdir, run_id).config.rollout
+    shard_task = rollout_shard_task.with_options(retries=rollout.shard_retries)
+    with shard_placement(rollout):
+        futures = [
+            shard_task.submit(workdir, run_id, iteration, i, n_shards) for i in range(n_shards)
+        ]
+    return [f.result() for f in futures]
+
+
+@task(name="evaluate-shard", task_run_name="evaluate-{version}-shard-{shard_index}")
+def evaluate_shard_task(
+    workdir: str, run_id: str, version: int, shard_index: int, n_shards: int
+) -> list[str]:
+    """Evaluate one shard's modalities of policy `version`; returns them."""
+    from kepo.evaluate import evaluate_shard
+
+    return evaluate_shard(
+        _open(workdir, run_id), version, shard_index, n_shards
+    ).evaluated_modalities
+
+
+@flow(name="evaluate-shards")
+def evaluate_shards_flow(workdir: str, run_id: str, version: int, n_shards: int) -> list[str]:
+    """The evaluation shard tasks of one policy version, under `rollout.task_runner`."""
+    rollout = _open(workdir, run_id).config.rollout
+    shard_task = evaluate_shard_task.with_options(retries=rollout.shard_retries)
+    with shard_placement(rollout):
+        futures = [
+            shard_task.submit(workdir, run_id, version, i, n_shards) for i in range(n_shards)
+        ]
+    return [m for f in futures for m in f.result()]
+
+
+def run_stage_sharded(workdir: str, run_id: str, planned: PlannedStage) -> None:
+    """One stage, fanned out over shard tasks where the config asks for it."""
+    config = _open(workdir, run_id).config
+    if planned.stage == "rollout" and config.rollout.shards > 1:
+        sharded_rollout(workdir, run_id, planned.iteration, config.rollout.shards)
+        return
+    if planned.stage == "evaluate" and config.eval.shards > 1:
+        shards_flow = evaluate_shards_flow.with_options(
+            task_runner=task_runner_for(config.rollout, config.eval.shards)
+        )
+        shards_flow(workdir, run_id, planned.iteration, config.eval.shards)
+        # The stage itself finds the shards' modalities stored and writes the metrics.
+    stage_task(workdir, run_id, planned.iteration, planned.stage)
+
+
 def sharded_rollout(workdir: str, run_id: str, iteration: int, n_shards: int) -> None:
     """Fan the rollout out over `n_shards` parallel tasks, then commit once."""
-    futures = [
-        rollout_shard_task.submit(workdir, run_id, iteration, i, n_shards) for i in range(n_shards)
-    ]
-    commit_shards_task(workdir, run_id, iteration, [f.result() for f in futures])
+    rollout = _open(workdir, run_id).config.rollout
+    shards_flow = rollout_shards_flow.with_options(task_runner=task_runner_for(rollout))
+    commit_shards_task(
+        workdir, run_id, iteration, shards_flow(workdir, run_id, iteration, n_shards)
+    )
 
 
 @flow(name="kepo-iteration", log_prints=True)
@@ -86,10 +140,7 @@ def kepo_iteration(
                 "%s of iteration %d already succeeded; skipping", planned.stage, planned.iteration
             )
             continue
-        if planned.stage == "rollout" and run.config.rollout.shards > 1:
-            sharded_rollout(workdir, run_id, iteration, run.config.rollout.shards)
-        else:
-            stage_task(workdir, run_id, planned.iteration, planned.stage)
+        run_stage_sharded(workdir, run_id, planned)
         done.append(f"{planned.stage}-{planned.iteration}")
     publish_iteration_artifacts(workdir, run_id, iteration)
     return done
@@ -110,8 +161,5 @@ def kepo_run(config: str, iterations: int | None = None, overrides: dict | None 
         )
     workdir = str(cfg.workdir)
     for planned in todo:
-        if planned.stage == "rollout" and cfg.rollout.shards > 1:
-            sharded_rollout(workdir, cfg.run_id, planned.iteration, cfg.rollout.shards)
-        else:
-            stage_task(workdir, cfg.run_id, planned.iteration, planned.stage)
+        run_stage_sharded(workdir, cfg.run_id, planned)
     return str(run.store.path)

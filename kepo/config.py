@@ -158,6 +158,31 @@ class ModelsConfig(_Section):
     attn_implementation: str | None = _f(
         "Attention kernel (e.g. 'sdpa', 'flash_attention_2'); None = transformers' default.", None
     )
+    # --- teacher placement (kepo.models.teacher_placement) ---
+    teacher_device_map: str | dict[str, int | str] | None = _f(
+        "Split the Hugging Face teacher (hf rollout backend and trainer) across devices: 'auto' / "
+        "'balanced' / 'sequential' or an explicit {module: device} map (accelerate); None = the "
+        "whole teacher on models.device.",
+        None,
+    )
+    teacher_max_memory: dict[str | int, str] | None = _f(
+        "Memory cap per device for teacher_device_map, e.g. {0: '40GiB', 1: '40GiB', cpu: "
+        "'64GiB'}; None = accelerate's default (all free memory).",
+        None,
+    )
+    teacher_offload_folder: Path | None = _f(
+        "Folder for teacher modules that teacher_device_map puts on 'disk' (slow; a last resort).",
+        None,
+    )
+
+    @model_validator(mode="after")
+    def _max_memory_needs_map(self) -> ModelsConfig:
+        if self.teacher_max_memory is not None and self.teacher_device_map is None:
+            raise ValueError(
+                "teacher_max_memory is set but teacher_device_map is not; set "
+                "teacher_device_map: auto (or an explicit map) to use the memory caps"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------------- prompts
@@ -279,6 +304,9 @@ class VLLMConfig(_Section):
     )
 
 
+SHARD_RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
+
+
 class RolloutConfig(_Section):
     """The rollout stage."""
 
@@ -304,6 +332,28 @@ class RolloutConfig(_Section):
         "Knowledge-enhanced exploration.", default_factory=ExplorationConfig
     )
     shards: int = _f("Split the rollout into this many shards (parallel Prefect tasks).", 1, ge=1)
+    # --- where the shard tasks run (flows/runners.py) ---
+    task_runner: Literal["inprocess", "ray"] = _f(
+        "Where rollout shard tasks run: 'inprocess' (threads of the flow's process) or 'ray' "
+        "(prefect-ray workers; install the 'ray' extra).",
+        "inprocess",
+    )
+    ray_address: str | None = _f(
+        "Address of an existing Ray cluster (e.g. 'ray://head:10001' or 'auto'); None = start a "
+        "local one (no dashboard) for the shard tasks.",
+        None,
+    )
+    shard_resources: dict[str, float] = _f(
+        "Ray resources each shard task asks for: num_cpus, num_gpus, memory (bytes); e.g. "
+        "{num_gpus: 1}. Ignored in-process.",
+        default_factory=dict,
+    )
+    shard_retries: int = _f(
+        "Times a failed shard task is rerun (a raised error, or on Ray a dead worker) before "
+        "the rollout fails; a rerun overwrites the shard's files.",
+        1,
+        ge=0,
+    )
 
     @property
     def teacher_backend_name(self) -> Literal["hf", "vllm"]:
@@ -334,6 +384,19 @@ class RolloutConfig(_Section):
                 stacklevel=2,
             )
         return data
+
+    @field_validator("shard_resources")
+    @classmethod
+    def _known_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(resources) - set(SHARD_RESOURCE_KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown shard resource(s) {unknown}; use {', '.join(SHARD_RESOURCE_KEYS)}"
+            )
+        negative = sorted(k for k, v in resources.items() if v < 0)
+        if negative:
+            raise ValueError(f"shard resource(s) {negative} must be >= 0")
+        return resources
 
 
 # ---------------------------------------------------------------------------------- algorithm
@@ -492,6 +555,12 @@ class EvalConfig(_Section):
     max_items_per_modality: int | None = _f(
         "Evaluate at most this many test items per modality (None = all).", None, ge=1
     )
+    shards: int = _f(
+        "Split the evaluation into this many shard tasks, modalities dealt round-robin, run as "
+        "Ray tasks with rollout.shard_resources (needs rollout.task_runner: ray).",
+        1,
+        ge=1,
+    )
 
 
 class StoreConfig(_Section):
@@ -569,6 +638,12 @@ class RunConfig(_Section):
                 f"algorithm.distill.top_k ({distill.top_k}) exceeds "
                 f"rollout.vllm.teacher.max_logprobs ({teacher_engine.max_logprobs}): raise "
                 "max_logprobs or lower top_k"
+            )
+        if self.eval.shards > 1 and self.rollout.task_runner != "ray":
+            raise ValueError(
+                f"eval.shards={self.eval.shards} needs rollout.task_runner: ray (evaluation shards "
+                "write to the store, which threads of one process cannot share): set "
+                "rollout.task_runner to ray or eval.shards to 1"
             )
         return self
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,12 +143,14 @@ def evaluate(
     *,
     backend: Any = None,
     model_path: str | Path | None = None,
+    modalities: Collection[str] | None = None,
 ) -> EvalResult:
     """Evaluate policy version `checkpoint` of `run` on the test split (see the module docstring).
 
     backend: a kepo.generation backend to use as is (its model is what gets evaluated);
     default: `make_backend(cfg.rollout.backend, model_path or run.policy_path(checkpoint))`,
     created only if some modality still needs generating, and closed afterwards.
+    modalities: evaluate only these (an evaluation shard, `evaluate_shard`); None = all.
     """
     if checkpoint < 0:
         raise ValueError(f"checkpoint must be a policy version >= 0, got {checkpoint}")
@@ -169,6 +171,8 @@ def evaluate(
             {EVAL_PREDICTIONS.name: [], EVAL_METRICS.name: []}, where={**key, "modality": modality}
         )
 
+    if modalities is not None:
+        selected = {m: items for m, items in selected.items() if m in set(modalities)}
     result = EvalResult(run_id=run.run_id, iteration=checkpoint, metrics=[])
     owned_backend = None
     try:
@@ -214,6 +218,24 @@ def evaluate(
 
         export_eval_metrics(run, checkpoint, result.metrics)
     return result
+
+
+def shard_modalities(run: Run, shard_index: int, n_shards: int) -> list[str]:
+    """The modalities of evaluation shard `shard_index` of `n_shards`: every n-th selected one."""
+    if n_shards < 1 or not 0 <= shard_index < n_shards:
+        raise ValueError(f"evaluation shard {shard_index} of {n_shards} does not exist")
+    selected = select_items(run.questions().test, run.config.eval.max_items_per_modality)
+    return list(selected)[shard_index::n_shards]
+
+
+def evaluate_shard(run: Run, checkpoint: int, shard_index: int, n_shards: int) -> EvalResult:
+    """Evaluate one shard's modalities of policy `checkpoint` (each commits as it finishes).
+
+    A modality is the unit: its items are batched exactly as in the unsharded evaluation, so
+    the predictions do not depend on the sharding. The stage's own `evaluate` afterwards finds
+    these modalities stored, skips them, and writes the metrics of all modalities.
+    """
+    return evaluate(run, checkpoint, modalities=shard_modalities(run, shard_index, n_shards))
 
 
 def _stored_question_ids(run: Run, checkpoint: int) -> dict[str, set[str]]:
@@ -377,7 +399,9 @@ __all__ = [
     "EvalResult",
     "compute_metrics",
     "evaluate",
+    "evaluate_shard",
     "select_items",
+    "shard_modalities",
     "wilson_interval",
     "write_metrics",
 ]

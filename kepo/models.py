@@ -291,23 +291,128 @@ def assert_shared_vocabulary(
 
 
 # ------------------------------------------------------------------------------ models
+DeviceMap = str | Mapping[str, int | str]
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def normalize_max_memory(max_memory: Mapping[Any, str | int] | None) -> dict[Any, str | int] | None:
+    """accelerate's max_memory: GPU keys as ints (0, '0' or 'cuda:0' -> 0), 'cpu' / 'disk' as is."""
+    if max_memory is None:
+        return None
+    normalized: dict[Any, str | int] = {}
+    for key, value in max_memory.items():
+        name = str(key).removeprefix("cuda:")
+        if name.isdigit():
+            normalized[int(name)] = value
+        elif name in ("cpu", "disk"):
+            normalized[name] = value
+        else:
+            raise ValueError(
+                f"max_memory key {key!r} is not a device; use GPU indices (0, 1, ...), 'cpu' or 'disk'"
+            )
+    return normalized
+
+
+def teacher_placement(models: Any) -> dict[str, Any]:
+    """`load_model` keyword arguments that place the teacher as `models.teacher_device_map` /
+    `models.teacher_max_memory` say (empty when the teacher is loaded whole on one device)."""
+    device_map = getattr(models, "teacher_device_map", None)
+    if device_map is None:
+        return {}
+    if isinstance(device_map, str) and device_map not in DEVICE_MAP_STRATEGIES:
+        raise ValueError(
+            f"models.teacher_device_map {device_map!r} is not a strategy; use one of "
+            f"{', '.join(DEVICE_MAP_STRATEGIES)} or a {{module: device}} map"
+        )
+    placement = {
+        "device_map": device_map,
+        "max_memory": normalize_max_memory(getattr(models, "teacher_max_memory", None)),
+    }
+    if getattr(models, "teacher_offload_folder", None) is not None:
+        placement["offload_folder"] = models.teacher_offload_folder
+    return placement
+
+
 def load_model(
     path: str | Path,
     *,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
+    device_map: DeviceMap | None = None,
+    max_memory: Mapping[Any, str | int] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> torch.nn.Module:
-    """The model of a local folder via AutoModelForImageTextToText, in eval mode."""
+    """The model of a local folder via AutoModelForImageTextToText, in eval mode.
+
+    Without `device_map` the whole model goes to `device`. With it, accelerate places the
+    modules (a strategy such as 'auto', or an explicit {module: device} map, capped per device
+    by `max_memory`; modules mapped to 'disk' are offloaded to `offload_folder`), `device` is
+    ignored and inputs move between devices through accelerate's hooks.
+    """
     from transformers import AutoModelForImageTextToText
 
+    if max_memory is not None and device_map is None:
+        raise ValueError("max_memory needs a device_map (e.g. 'auto') to take effect")
     path = Path(path)
     _require_folder(path)
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": resolve_dtype(dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    return model.to(resolve_device(device)).eval()
+    if device_map is None:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        return model.to(resolve_device(device)).eval()
+    kwargs["device_map"] = dict(device_map) if isinstance(device_map, Mapping) else device_map
+    if max_memory is not None:
+        kwargs["max_memory"] = normalize_max_memory(max_memory)
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except ValueError as err:
+        first_line = str(err).splitlines()[0][:300]
+        raise ValueError(
+            f"{path}: device_map {device_map!r} could not place the model ({first_line}). Fix: "
+            "map every top-level module (e.g. model.visual, model.language_model.layers.N, "
+            "lm_head), or use device_map: auto"
+        ) from err
+    log.info("%s placed by device_map: %s", path, placement_summary(model))
+    return model.eval()
+
+
+def placement_summary(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters per device of a (possibly dispatched) model, e.g. {'cuda:0': n, 'cuda:1': m}."""
+    device_map = getattr(model, "hf_device_map", None)
+    counts: dict[str, int] = {}
+    if device_map:
+        modules = dict(model.named_modules())
+        seen: set[int] = set()  # tied weights (lm_head = embed_tokens) count once
+        for name, device in device_map.items():
+            module = modules.get(name, model) if name else model
+            params = [p for p in module.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            key = f"cuda:{device}" if isinstance(device, int) else str(device)
+            counts[key] = counts.get(key, 0) + sum(p.numel() for p in params)
+        return counts
+    for p in model.parameters():
+        counts[str(p.device)] = counts.get(str(p.device), 0) + p.numel()
+    return counts
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a forward pass's inputs go: the input embeddings' device (the first device of a
+    model split by device_map), else the first parameter's."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        device = embeddings.weight.device
+        if device.type != "meta":
+            return device
+    # Offloaded weights sit on 'meta'; accelerate then runs them on the first GPU of the map.
+    gpus = [d for d in (getattr(model, "hf_device_map", None) or {}).values() if isinstance(d, int)]
+    if gpus:
+        return torch.device("cuda", min(gpus))
+    device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def load_policy(
@@ -316,11 +421,23 @@ def load_policy(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
+    device_map: DeviceMap | None = None,
+    max_memory: Mapping[Any, str | int] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> tuple[torch.nn.Module, Any]:
-    """(model, processor) of a local folder; the processor is checked to produce pixel values."""
+    """(model, processor) of a local folder; the processor is checked to produce pixel values.
+    `device_map` / `max_memory` / `offload_folder` as in `load_model`."""
     processor = load_processor(path)
     check_processor(processor, path)
-    model = load_model(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    model = load_model(
+        path,
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+    )
     return model, processor
 
 

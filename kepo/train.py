@@ -87,6 +87,7 @@ from kepo.models import (
     completion_mask_of,
     load_policy,
     resolve_device,
+    teacher_placement,
 )
 from kepo.objectives import (
     ObjectiveOutput,
@@ -772,6 +773,7 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
             dtype=cfg.models.dtype,
             device=accelerator.device,
             attn_implementation=cfg.models.attn_implementation,
+            **teacher_placement(cfg.models),
         )
         teacher.requires_grad_(False)
         assert_shared_vocabulary(processor, teacher_processor)

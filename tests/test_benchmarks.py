@@ -117,3 +117,24 @@ def test_teacher_scoring_smoke() -> None:
     acc = gates["accuracy >= 1"]
     assert acc["completion_tokens"] == acc["open_rows"] * 5
     assert acc["teacher_tokens"] <= out["all_rows"]["teacher_tokens"]
+
+
+def test_gpu_iteration_rehearsal_runs_tiny_on_cpu() -> None:
+    payload, stdout = run_script("gpu_iteration", "--tiny")
+    stages = payload["stages"]
+    assert list(stages) == [
+        "build_teacher_folder",
+        "load_teacher_device_map",
+        "build_student",
+        "rollout",
+        "exploration",
+        "scoring",
+        "train_step",
+        "evaluate",
+    ]
+    assert all(row["seconds"] > 0 for row in stages.values())
+    assert stages["rollout"]["generated_tokens"] == 2 * 2 * 6
+    # The teacher was really split by its device_map (half its layers offloaded to disk).
+    placement = payload["teacher_placement"]
+    assert placement["disk"] > 0 and sum(placement.values()) == payload["teacher_params"]
+    assert "train_step" in stdout

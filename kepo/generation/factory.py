@@ -78,6 +78,10 @@ def open_backend(
         )
     kind = backend_kind(cfg, role)
     if kind == "hf":
+        from kepo.models import teacher_placement
+
+        # a large teacher may be split over devices (models.teacher_device_map / max_memory)
+        placement = teacher_placement(cfg.models) if role == "teacher" else {}
         return make_backend(
             "hf",
             model_path,
@@ -88,6 +92,7 @@ def open_backend(
             ),
             scoring_batch_size=cfg.rollout.scoring_batch_size,
             attn_implementation=cfg.models.attn_implementation,
+            **placement,
         )
     arguments = vllm_engine_arguments(cfg, role)
     if not engine_settings(cfg, role).keep_alive:

@@ -49,6 +49,7 @@ from kepo.models import (
     build_prompt_inputs,
     build_sequence_batch,
     completion_logits,
+    input_device,
     load_model,
     load_policy,
     model_inputs,
@@ -180,12 +181,20 @@ class HFBackend:
         attn_implementation: str | None = None,
         generation_batch_size: int = 64,
         scoring_batch_size: int = 16,
+        device_map: Any = None,
+        max_memory: Any = None,
+        offload_folder: str | Path | None = None,
     ) -> HFBackend:
+        """Load a local folder; `device_map` / `max_memory` / `offload_folder` split the model
+        across devices (kepo.models.load_model), and `device` is then ignored."""
         model, processor = load_policy(
             path,
             dtype=dtype,
             device=resolve_device(device),
             attn_implementation=attn_implementation,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
         )
         return cls(
             model,
@@ -198,7 +207,7 @@ class HFBackend:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return input_device(self.model)
 
     # -------------------------------------------------------------------------- generate
     def _generation_config(self, sampling: SamplingParams) -> Any:
