@@ -1,7 +1,7 @@
 """Prefect flows of a run: one iteration (the `kepo-iteration` deployment) and a whole run.
 
-Thin wrappers: every task is one call into `kepo.pipeline`, and tasks pass only ids and paths.
-Retries are set only where I/O can be flaky (loading shards from disk into the store).
+Thin wrappers: a flow is a sequence of the typed stage tasks of `flows/tasks.py`, skipping the
+stages `kepo.pipeline.is_done` vouches for.
 """
 
 from __future__ import annotations
@@ -9,63 +9,44 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
+from flows.tasks import (
+    commit_task,
+    curate_task,
+    evaluate_task,
+    rollout_shard_task,
+    rollout_task,
+    train_task,
+)
 from kepo.config import load_config
-from kepo.pipeline import PlannedStage, execute, is_done, iteration_plan, run_plan
+from kepo.pipeline import PlannedStage, check_models, is_done, iteration_plan, run_plan
 from kepo.run import Run
 
 DEFAULT_WORKDIR = os.environ.get("KEPO_WORKDIR", "work/demo")
 
 
-def _open(workdir: str, run_id: str) -> Run:
-    return Run.open(Path(workdir) / "kepo.duckdb", run_id)
-
-
-@task(name="stage", task_run_name="{stage}-{iteration}")
-def stage_task(workdir: str, run_id: str, iteration: int, stage: str) -> str:
-    """Run one stage of one iteration (rollout / train / evaluate / curate)."""
-    run = _open(workdir, run_id)
-    execute(run, PlannedStage(iteration, stage))  # type: ignore[arg-type]
-    return f"{run_id}/{iteration}/{stage}"
-
-
-@task(name="rollout-shard", task_run_name="rollout-{iteration}-shard-{shard_index}")
-def rollout_shard_task(
-    workdir: str, run_id: str, iteration: int, shard_index: int, n_shards: int
-) -> str:
-    """Roll out one shard of the iteration's prompts into Parquet files; returns their folder."""
-    from kepo.rollout import rollout_shard
-
-    run = _open(workdir, run_id)
-    out = (
-        run.workdir / "shards" / run_id / f"iteration-{iteration:04d}" / f"shard-{shard_index:03d}"
-    )
-    return str(rollout_shard(run, iteration, shard_index, n_shards, out))
-
-
-@task(name="commit-shards", retries=2, retry_delay_seconds=2)
-def commit_shards_task(workdir: str, run_id: str, iteration: int, shard_dirs: list[str]) -> int:
-    """Load every shard of the iteration into the store in one transaction."""
-    from kepo.pipeline import run_stage
-    from kepo.rollout import commit_shards
-
-    run = _open(workdir, run_id)
-    run_stage(
-        run,
-        iteration,
-        "rollout",
-        lambda: commit_shards(run, iteration, [Path(d) for d in shard_dirs]),
-    )
-    return len(shard_dirs)
-
-
-def sharded_rollout(workdir: str, run_id: str, iteration: int, n_shards: int) -> None:
+def sharded_rollout(db: str, run_id: str, iteration: int, n_shards: int) -> None:
     """Fan the rollout out over `n_shards` parallel tasks, then commit once."""
     futures = [
-        rollout_shard_task.submit(workdir, run_id, iteration, i, n_shards) for i in range(n_shards)
+        rollout_shard_task.submit(db, run_id, iteration, i, n_shards) for i in range(n_shards)
     ]
-    commit_shards_task(workdir, run_id, iteration, [f.result() for f in futures])
+    commit_task(db, run_id, iteration, [f.result() for f in futures])
+
+
+def run_planned(db: str, run: Run, planned: PlannedStage) -> None:
+    """The task of one planned stage."""
+    run_id, k = run.run_id, planned.iteration
+    if planned.stage == "curate":
+        curate_task(db, run_id)
+    elif planned.stage == "rollout" and run.config.rollout.shards > 1:
+        sharded_rollout(db, run_id, k, run.config.rollout.shards)
+    elif planned.stage == "rollout":
+        rollout_task(db, run_id, k)
+    elif planned.stage == "train":
+        train_task(db, run_id, k)
+    else:
+        evaluate_task(db, run_id, k)
 
 
 @flow(name="kepo-iteration", log_prints=True)
@@ -74,7 +55,8 @@ def kepo_iteration(
 ) -> list[str]:
     """One KEPO iteration of a registered run: rollout -> train -> evaluate (every N iterations)."""
     logger = get_run_logger()
-    run = _open(workdir, run_id)
+    db = str(Path(workdir) / "kepo.duckdb")
+    run = Run.open(db, run_id)
     done: list[str] = []
     for planned in iteration_plan(run, iteration):
         if resume and is_done(run, planned.iteration, planned.stage):
@@ -82,30 +64,34 @@ def kepo_iteration(
                 "%s of iteration %d already succeeded; skipping", planned.stage, planned.iteration
             )
             continue
-        if planned.stage == "rollout" and run.config.rollout.shards > 1:
-            sharded_rollout(workdir, run_id, iteration, run.config.rollout.shards)
-        else:
-            stage_task(workdir, run_id, planned.iteration, planned.stage)
+        run_planned(db, run, planned)
         done.append(f"{planned.stage}-{planned.iteration}")
     return done
 
 
 @flow(name="kepo-run", log_prints=True)
-def kepo_run(config: str, iterations: int | None = None, overrides: dict | None = None) -> str:
-    """A whole run from a YAML config: curation if needed, then iterations, resuming where it stopped."""
+def kepo_run(
+    config: str,
+    iterations: int | None = None,
+    overrides: dict | None = None,
+    discard_stale: bool = False,
+) -> str:
+    """A whole run from a YAML config: curation if needed, then iterations, resuming where it stopped.
+
+    Refuses before any stage when a model folder is missing, or when changed settings contradict
+    the run's stored rows (`discard_stale=True` drops those rows and recomputes them).
+    """
     logger = get_run_logger()
     cfg = load_config(config, overrides=overrides)
-    run = Run.create(cfg)
+    check_models(cfg)
+    run = Run.create(cfg, discard_stale=discard_stale)
+    db = str(run.store.path)
     plan = run_plan(run, iterations)
     todo = [p for p in plan if not is_done(run, p.iteration, p.stage)]
     if todo and len(todo) < len(plan):
         logger.info(
             "resuming run %s at %s of iteration %d", cfg.run_id, todo[0].stage, todo[0].iteration
         )
-    workdir = str(cfg.workdir)
     for planned in todo:
-        if planned.stage == "rollout" and cfg.rollout.shards > 1:
-            sharded_rollout(workdir, cfg.run_id, planned.iteration, cfg.rollout.shards)
-        else:
-            stage_task(workdir, cfg.run_id, planned.iteration, planned.stage)
-    return str(run.store.path)
+        run_planned(db, run, planned)
+    return db

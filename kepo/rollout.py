@@ -198,25 +198,12 @@ class _Backends:
 
 
 def _make_backend(run: Run, path: Path) -> GenerationBackend:
-    from kepo.generation import make_backend
-
-    cfg = run.config
-    if not path.is_dir():
-        raise RolloutError(f"model folder {path} does not exist; build or download it first")
-    extra: dict[str, Any] = {}
-    if cfg.rollout.backend == "hf":
-        extra["attn_implementation"] = cfg.models.attn_implementation
-    else:
-        extra["gpu_memory_utilization"] = cfg.rollout.vllm_gpu_memory_utilization
-    return make_backend(
-        cfg.rollout.backend,
-        path,
-        dtype=cfg.models.dtype,
-        device=cfg.models.device,
-        generation_batch_size=cfg.rollout.generation_batch_size,
-        scoring_batch_size=cfg.rollout.scoring_batch_size,
-        **extra,
-    )
+    try:
+        return run.generation_backend(
+            path, generation_batch_size=run.config.rollout.generation_batch_size
+        )
+    except FileNotFoundError as err:
+        raise RolloutError(str(err)) from None
 
 
 def _same_folder(a: Path, b: Path) -> bool:

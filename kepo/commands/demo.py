@@ -31,15 +31,17 @@ def demo(
     start = time.perf_counter()
     console.rule("[bold]kepo demo")
     from flows.demo import kepo_demo  # Prefect is imported only when the demo runs
+    from flows.server import temporary_api
     from kepo.demo import EXAMPLE_QUERIES
     from kepo.store import Store
 
-    result = kepo_demo(
-        workdir=str(workdir),
-        iterations=iterations,
-        student_warmup_steps=student_warmup_steps,
-        teacher_warmup_steps=teacher_warmup_steps,
-    )
+    with temporary_api():
+        result = kepo_demo(
+            workdir=str(workdir),
+            iterations=iterations,
+            student_warmup_steps=student_warmup_steps,
+            teacher_warmup_steps=teacher_warmup_steps,
+        )
     store = Store(result["db"])
     from kepo.commands.sql import named_query
 
