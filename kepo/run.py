@@ -166,12 +166,17 @@ class Run:
         """The curated dataset (kepo.curate.QuestionSet), opened once per handle."""
         if self._questions is None:
             import pyarrow as pa
+            import pyarrow.parquet as pq
 
             from kepo.curate import QuestionSet
 
-            out_dir = self.config.data.out_dir
+            out_dir = Path(self.config.data.out_dir)
             try:
-                self._questions = QuestionSet(out_dir)
+                questions = QuestionSet(out_dir)
+                for name in ("train.parquet", "test.parquet", "pool.parquet"):
+                    if name != "pool.parquet" or (out_dir / name).exists():
+                        pq.read_metadata(out_dir / name)  # a truncated file fails here
+                self._questions = questions
             except (pa.ArrowInvalid, OSError) as err:
                 raise StoreError(
                     f"the curated data in {out_dir} cannot be read ({str(err).splitlines()[0]}); "

@@ -396,8 +396,9 @@ class Store:
 
         Read and write happen in one transaction on one connection, and DuckDB admits one
         writing process, so two processes cannot both take the lease. A `running` row whose
-        `lease_owner` is still alive (`holder_alive(owner)`) refuses with StageBusyError; a row
-        left by a dead process (killed, crashed) is taken over.
+        `lease_owner` is another process that is still alive (`holder_alive(owner)`) refuses
+        with StageBusyError; a row left by a dead process (killed, crashed), or by this process
+        (a failure it could not record), is taken over.
         """
         where = {"run_id": run_id, "iteration": iteration, "stage": stage}
         with self.connect() as con:
@@ -408,7 +409,13 @@ class Store:
                     "WHERE run_id = ? AND iteration = ? AND stage = ?",
                     list(where.values()),
                 ).fetchone()
-                if prev and prev[0] == "running" and prev[2] and holder_alive(prev[2]):
+                if (
+                    prev
+                    and prev[0] == "running"
+                    and prev[2]
+                    and prev[2] != owner  # our own lease, left when a failure could not be recorded
+                    and holder_alive(prev[2])
+                ):
                     raise StageBusyError(
                         f"run {run_id}: {stage} of iteration {iteration} is already running "
                         f"(process {prev[2]}, started {prev[3]:%Y-%m-%d %H:%M:%S} UTC); wait for it "
