@@ -114,6 +114,17 @@ def temporary_api() -> Iterator[str | None]:
     atexit.register(stop_server, proc)
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield url
+            try:
+                yield url
+            finally:
+                _drain_logs()
     finally:
         stop_server(proc)
+
+
+def _drain_logs() -> None:
+    """Send the flow's queued log records while the API still answers."""
+    with contextlib.suppress(Exception):
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)

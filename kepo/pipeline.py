@@ -99,7 +99,14 @@ def holder_alive(owner: str) -> bool:
 
 # ------------------------------------------------------------------------------ the runner
 def run_stage(run: Run, iteration: int, stage: StageName, fn: Callable[[], Any]) -> Any:
-    """Run `fn` as stage (iteration, stage) of `run`: lease, running / succeeded / failed."""
+    """Run `fn` as stage (iteration, stage) of `run`: lease, running / succeeded / failed.
+
+    A stage whose input policy does not exist yet is refused before anything is recorded.
+    """
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    if stage != "curate" and iteration > 0:
+        run.policy_path(iteration)  # StoreError naming the training stage to run first
     attempt = run.store.begin_stage(
         run.run_id, iteration, stage, owner=lease_owner(), holder_alive=holder_alive
     )

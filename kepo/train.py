@@ -45,11 +45,13 @@ run; without it (version 0, or save_optimizer off) AdamW starts fresh. With mixe
 student trains and is saved in float32 (master weights: a bf16 copy would round updates of
 lr 2e-6 away); the rollout/evaluation stages cast it to `models.dtype` on load.
 
-Outputs (main process only): version k + 1 in `run.checkpoint_dir(k + 1)` — the model via
-`save_pretrained`, the processor/tokenizer files copied byte for byte from version k's folder
-(the image-only processor kepo builds without torchvision would otherwise write a processor
-class only kepo knows), `optimizer.pt` when train.save_optimizer — then `train_steps` of
-iteration k (replacing any earlier attempt) and the `checkpoints` row of version k + 1.
+Outputs (main process only): version k + 1 in `run.new_checkpoint_dir(k + 1)` (`policy-NNNN`,
+or `policy-NNNN-2`, ... beside a recorded copy) — the model via `save_pretrained`, the
+processor/tokenizer files copied byte for byte from version k's folder (the image-only
+processor kepo builds without torchvision would otherwise write a processor class only kepo
+knows), `optimizer.pt` when train.save_optimizer — then `train_steps` of iteration k
+(replacing any earlier attempt) and the `checkpoints` row of version k + 1, and only then is
+the previously recorded folder removed (write new, record, remove old).
 
 Several processes: `accelerate launch --multi_gpu --num_processes N -m kepo.train --db FILE
 --run R --iteration K` (GPUs; also on a CPU-only machine, where models.device: cpu makes every

@@ -423,3 +423,30 @@ def test_a_killed_kepo_run_leaves_no_prefect_server(tmp_path, tiny_models, curat
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_stage_without_its_input_is_refused_before_anything_is_recorded(
+    trained_run, tmp_path
+) -> None:
+    copy = copy_of(trained_run, tmp_path)
+    db = str(copy / "kepo.duckdb")
+    rows_before = Store(db).read("stages").to_pylist()
+    out = one_line_error(
+        CliRunner().invoke(app, ["eval", "--db", db, "--run", RUN_ID, "--checkpoint", "5"])
+    )
+    assert "no checkpoint for policy version 5" in out
+    out = one_line_error(
+        CliRunner().invoke(app, ["train", "--db", db, "--run", RUN_ID, "--iteration", "3"])
+    )
+    assert "no checkpoint for policy version 3" in out
+    out = one_line_error(
+        CliRunner().invoke(app, ["rollout", "--db", db, "--run", RUN_ID, "--iteration", "-1"])
+    )
+    assert "iteration must be >= 0" in out
+    assert Store(db).read("stages").to_pylist() == rows_before  # no row for unreachable stages
+    out = one_line_error(
+        CliRunner().invoke(
+            app, ["audit", "--db", str(tmp_path / "nowhere.duckdb"), "--run", RUN_ID, "-k", "0"]
+        )
+    )
+    assert "no such database" in out
