@@ -292,7 +292,11 @@ def commit_rollout(run: Run, iteration: int, shard_dirs: list[Path]) -> Any:
 def train_stage(run: Run, iteration: int) -> Any:
     from kepo.train import train_iteration
 
-    check_writable(run.checkpoint_dir(iteration + 1).parent, "the checkpoint folder")
+    target = run.checkpoint_dir(iteration + 1)
+    check_writable(target.parent, "the checkpoint folder")
+    # Half-written copies of a killed attempt (we hold the lease: nobody else writes them).
+    for stale in target.parent.glob(f"{target.name}*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return train_iteration(run, iteration)
 
 

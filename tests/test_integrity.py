@@ -141,12 +141,15 @@ def test_train_command_writes_the_stage_row_and_replaces_a_failed_one(
     copy = copy_of(trained_run, tmp_path)
     store = Store(copy / "kepo.duckdb")
     store.set_stage(RUN_ID, 0, "train", "failed", error="an old failure")
+    stale = copy / "checkpoints" / RUN_ID / "policy-0001.tmp-999999"  # a killed attempt's copy
+    stale.mkdir()
     result = CliRunner().invoke(
         app, ["train", "--db", str(copy / "kepo.duckdb"), "--run", RUN_ID, "--iteration", "0"]
     )
     assert result.exit_code == 0, result.output
     row = store.read("stages", {"run_id": RUN_ID, "iteration": 0, "stage": "train"}).to_pylist()[0]
     assert row["status"] == "succeeded" and row["error"] is None and row["attempt"] == 2
+    assert not stale.exists()
 
 
 def test_a_checkpoint_becomes_visible_only_when_complete(
