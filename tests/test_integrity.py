@@ -387,6 +387,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
 def test_a_killed_kepo_run_leaves_no_prefect_server(tmp_path, tiny_models, curated_bundled) -> None:
     config = write_config(tmp_path, curated_bundled, tiny_models)
