@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows.iteration import kepo_run
+from flows.tasks import curate_data_task, report_task
 from kepo.config import load_config
 from kepo.demo import DEMO_CONFIGS, model_dirs, prepare_models
 
@@ -28,14 +29,6 @@ def demo_overrides(workdir: Path, iterations: int | None) -> dict:
     return overrides
 
 
-@task(name="curate-demo-data")
-def curate_task(config: str, overrides: dict) -> str:
-    from kepo.curate import ensure_curated
-
-    cfg = load_config(config, overrides=overrides)
-    return str(ensure_curated(cfg.data, progress=True).out_dir)
-
-
 @task(name="prepare-tiny-models")
 def models_task(
     workdir: str, curated_dir: str, in_domain: str, student_steps: int, teacher_steps: int
@@ -47,13 +40,6 @@ def models_task(
         student_steps=student_steps,
         teacher_steps=teacher_steps,
     )
-
-
-@task(name="report")
-def report_task(db: str, out: str) -> str:
-    from kepo.report import build_report
-
-    return str(build_report(Path(db), Path(out)))
 
 
 @flow(name="kepo-demo", log_prints=True)
@@ -70,7 +56,7 @@ def kepo_demo(
     configs = list(configs or DEMO_CONFIGS)
     overrides = demo_overrides(root, iterations)
     first = load_config(configs[0], overrides=overrides)
-    curated = curate_task(configs[0], overrides)
+    curated = curate_data_task(configs[0], overrides)
     models_task(
         str(root), curated, first.in_domain_modality, student_warmup_steps, teacher_warmup_steps
     )

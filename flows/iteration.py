@@ -1,7 +1,7 @@
 """Prefect flows of a run: one iteration (the `kepo-iteration` deployment) and a whole run.
 
-Thin wrappers: every task is one call into `kepo.pipeline`, and tasks pass only ids and paths.
-Retries are set only where I/O can be flaky (loading shards from disk into the store).
+Thin wrappers: a flow is a sequence of the typed stage tasks of `flows/tasks.py`, skipping the
+stages `kepo.pipeline.is_done` vouches for.
 """
 
 from __future__ import annotations
@@ -9,120 +9,77 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
-from flows.helpers import forward_kepo_logs, publish_iteration_artifacts, writer_slot
-from flows.runners import fail_once, shard_placement, task_runner_for
+from flows.helpers import forward_kepo_logs, publish_iteration_artifacts
+from flows.runners import shard_placement, task_runner_for
+from flows.tasks import (
+    commit_task,
+    curate_task,
+    evaluate_shard_task,
+    evaluate_task,
+    open_run,
+    rollout_shard_task,
+    rollout_task,
+    train_task,
+)
 from kepo.config import load_config
-from kepo.pipeline import PlannedStage, execute, is_done, iteration_plan, run_plan
+from kepo.pipeline import PlannedStage, check_models, is_done, iteration_plan, run_plan
 from kepo.run import Run
 
 DEFAULT_WORKDIR = os.environ.get("KEPO_WORKDIR", "work/demo")
 
 
-def _open(workdir: str, run_id: str) -> Run:
-    return Run.open(Path(workdir) / "kepo.duckdb", run_id)
-
-
-@task(name="stage", task_run_name="{stage}-{iteration}")
-def stage_task(workdir: str, run_id: str, iteration: int, stage: str) -> str:
-    """Run one stage of one iteration (rollout / train / evaluate / curate)."""
-    run = _open(workdir, run_id)
-    with writer_slot(workdir):
-        execute(run, PlannedStage(iteration, stage))  # type: ignore[arg-type]
-    return f"{run_id}/{iteration}/{stage}"
-
-
-@task(name="rollout-shard", task_run_name="rollout-{iteration}-shard-{shard_index}")
-def rollout_shard_task(
-    workdir: str, run_id: str, iteration: int, shard_index: int, n_shards: int
-) -> str:
-    """Roll out one shard of the iteration's prompts into Parquet files; returns their folder."""
-    from kepo.rollout import rollout_shard
-
-    run = _open(workdir, run_id)
-    out = (
-        run.workdir / "shards" / run_id / f"iteration-{iteration:04d}" / f"shard-{shard_index:03d}"
-    )
-    fail_once(shard_index, out)
-    return str(rollout_shard(run, iteration, shard_index, n_shards, out))
-
-
-@task(name="commit-shards", retries=2, retry_delay_seconds=2)
-def commit_shards_task(workdir: str, run_id: str, iteration: int, shard_dirs: list[str]) -> int:
-    """Load every shard of the iteration into the store in one transaction."""
-    from kepo.pipeline import run_stage
-    from kepo.rollout import commit_shards
-
-    run = _open(workdir, run_id)
-    with writer_slot(workdir):
-        run_stage(
-            run,
-            iteration,
-            "rollout",
-            lambda: commit_shards(run, iteration, [Path(d) for d in shard_dirs]),
-        )
-    return len(shard_dirs)
-
-
 @flow(name="rollout-shards")
-def rollout_shards_flow(workdir: str, run_id: str, iteration: int, n_shards: int) -> list[str]:
+def rollout_shards_flow(db: str, run_id: str, iteration: int, n_shards: int) -> list[str]:
     """The shard tasks of one rollout, under the task runner of `rollout.task_runner`."""
-    rollout = _open(workdir, run_id).config.rollout
+    rollout = open_run(db, run_id).config.rollout
     shard_task = rollout_shard_task.with_options(retries=rollout.shard_retries)
     with shard_placement(rollout):
-        futures = [
-            shard_task.submit(workdir, run_id, iteration, i, n_shards) for i in range(n_shards)
-        ]
+        futures = [shard_task.submit(db, run_id, iteration, i, n_shards) for i in range(n_shards)]
     return [f.result() for f in futures]
 
 
-@task(name="evaluate-shard", task_run_name="evaluate-{version}-shard-{shard_index}")
-def evaluate_shard_task(
-    workdir: str, run_id: str, version: int, shard_index: int, n_shards: int
-) -> list[str]:
-    """Evaluate one shard's modalities of policy `version`; returns them."""
-    from kepo.evaluate import evaluate_shard
-
-    return evaluate_shard(
-        _open(workdir, run_id), version, shard_index, n_shards
-    ).evaluated_modalities
-
-
 @flow(name="evaluate-shards")
-def evaluate_shards_flow(workdir: str, run_id: str, version: int, n_shards: int) -> list[str]:
+def evaluate_shards_flow(db: str, run_id: str, version: int, n_shards: int) -> list[str]:
     """The evaluation shard tasks of one policy version, under `rollout.task_runner`."""
-    rollout = _open(workdir, run_id).config.rollout
+    rollout = open_run(db, run_id).config.rollout
     shard_task = evaluate_shard_task.with_options(retries=rollout.shard_retries)
     with shard_placement(rollout):
-        futures = [
-            shard_task.submit(workdir, run_id, version, i, n_shards) for i in range(n_shards)
-        ]
+        futures = [shard_task.submit(db, run_id, version, i, n_shards) for i in range(n_shards)]
     return [m for f in futures for m in f.result()]
 
 
-def run_stage_sharded(workdir: str, run_id: str, planned: PlannedStage) -> None:
-    """One stage, fanned out over shard tasks where the config asks for it."""
-    config = _open(workdir, run_id).config
-    if planned.stage == "rollout" and config.rollout.shards > 1:
-        sharded_rollout(workdir, run_id, planned.iteration, config.rollout.shards)
-        return
-    if planned.stage == "evaluate" and config.eval.shards > 1:
-        shards_flow = evaluate_shards_flow.with_options(
-            task_runner=task_runner_for(config.rollout, config.eval.shards)
-        )
-        shards_flow(workdir, run_id, planned.iteration, config.eval.shards)
-        # The stage itself finds the shards' modalities stored and writes the metrics.
-    stage_task(workdir, run_id, planned.iteration, planned.stage)
-
-
-def sharded_rollout(workdir: str, run_id: str, iteration: int, n_shards: int) -> None:
-    """Fan the rollout out over `n_shards` parallel tasks, then commit once."""
-    rollout = _open(workdir, run_id).config.rollout
+def sharded_rollout(db: str, run_id: str, iteration: int, n_shards: int) -> None:
+    """Fan the rollout out over `n_shards` shard tasks (in-process or on Ray), then commit once."""
+    rollout = open_run(db, run_id).config.rollout
     shards_flow = rollout_shards_flow.with_options(task_runner=task_runner_for(rollout))
-    commit_shards_task(
-        workdir, run_id, iteration, shards_flow(workdir, run_id, iteration, n_shards)
-    )
+    commit_task(db, run_id, iteration, shards_flow(db, run_id, iteration, n_shards))
+
+
+def sharded_evaluation(db: str, run_id: str, version: int, n_shards: int) -> None:
+    """Evaluate the modalities in `n_shards` shard tasks; the evaluate stage then finds them
+    stored (same weights) and writes the metrics of all modalities."""
+    rollout = open_run(db, run_id).config.rollout
+    shards_flow = evaluate_shards_flow.with_options(task_runner=task_runner_for(rollout, n_shards))
+    shards_flow(db, run_id, version, n_shards)
+
+
+def run_planned(db: str, run: Run, planned: PlannedStage) -> None:
+    """The task of one planned stage (fanned out over shard tasks where the config asks)."""
+    run_id, k, cfg = run.run_id, planned.iteration, run.config
+    if planned.stage == "curate":
+        curate_task(db, run_id)
+    elif planned.stage == "rollout" and cfg.rollout.shards > 1:
+        sharded_rollout(db, run_id, k, cfg.rollout.shards)
+    elif planned.stage == "rollout":
+        rollout_task(db, run_id, k)
+    elif planned.stage == "train":
+        train_task(db, run_id, k)
+    else:
+        if cfg.eval.shards > 1:
+            sharded_evaluation(db, run_id, k, cfg.eval.shards)
+        evaluate_task(db, run_id, k)
 
 
 @flow(name="kepo-iteration", log_prints=True)
@@ -132,7 +89,8 @@ def kepo_iteration(
     """One KEPO iteration of a registered run: rollout -> train -> evaluate (every N iterations)."""
     forward_kepo_logs()
     logger = get_run_logger()
-    run = _open(workdir, run_id)
+    db = str(Path(workdir) / "kepo.duckdb")
+    run = Run.open(db, run_id)
     done: list[str] = []
     for planned in iteration_plan(run, iteration):
         if resume and is_done(run, planned.iteration, planned.stage):
@@ -140,26 +98,36 @@ def kepo_iteration(
                 "%s of iteration %d already succeeded; skipping", planned.stage, planned.iteration
             )
             continue
-        run_stage_sharded(workdir, run_id, planned)
+        run_planned(db, run, planned)
         done.append(f"{planned.stage}-{planned.iteration}")
     publish_iteration_artifacts(workdir, run_id, iteration)
     return done
 
 
 @flow(name="kepo-run", log_prints=True)
-def kepo_run(config: str, iterations: int | None = None, overrides: dict | None = None) -> str:
-    """A whole run from a YAML config: curation if needed, then iterations, resuming where it stopped."""
+def kepo_run(
+    config: str,
+    iterations: int | None = None,
+    overrides: dict | None = None,
+    discard_stale: bool = False,
+) -> str:
+    """A whole run from a YAML config: curation if needed, then iterations, resuming where it stopped.
+
+    Refuses before any stage when a model folder is missing, or when changed settings contradict
+    the run's stored rows (`discard_stale=True` drops those rows and recomputes them).
+    """
     forward_kepo_logs()
     logger = get_run_logger()
     cfg = load_config(config, overrides=overrides)
-    run = Run.create(cfg)
+    check_models(cfg)
+    run = Run.create(cfg, discard_stale=discard_stale)
+    db = str(run.store.path)
     plan = run_plan(run, iterations)
     todo = [p for p in plan if not is_done(run, p.iteration, p.stage)]
     if todo and len(todo) < len(plan):
         logger.info(
             "resuming run %s at %s of iteration %d", cfg.run_id, todo[0].stage, todo[0].iteration
         )
-    workdir = str(cfg.workdir)
     for planned in todo:
-        run_stage_sharded(workdir, cfg.run_id, planned)
-    return str(run.store.path)
+        run_planned(db, run, planned)
+    return db

@@ -14,16 +14,9 @@ import torch
 from prefect import flow, get_run_logger, task
 
 from flows.iteration import kepo_run
+from flows.tasks import curate_data_task, report_task
 from kepo.config import load_config
 from kepo.study import load_study, plan_runs, share_initial_evaluation, teacher_run
-
-
-@task(name="curate-study-data")
-def curate_task(config: str, overrides: dict) -> str:
-    from kepo.curate import ensure_curated
-
-    cfg = load_config(config, overrides=overrides)
-    return str(ensure_curated(cfg.data, progress=True).out_dir)
 
 
 @task(name="prepare-study-models")
@@ -59,13 +52,6 @@ def register_task(config: str, overrides: dict) -> str:
     return Run.create(load_config(config, overrides=overrides)).run_id
 
 
-@task(name="study-report")
-def report_task(db: str, out: str) -> str:
-    from kepo.report import build_report
-
-    return str(build_report(Path(db), Path(out)))
-
-
 @flow(name="kepo-study", log_prints=True)
 def kepo_study(config: str, workdir: str | None = None) -> dict:
     """Run the whole study of `config` (workdir from the config unless given)."""
@@ -73,7 +59,7 @@ def kepo_study(config: str, workdir: str | None = None) -> dict:
     study = load_study(config, workdir=workdir)
     torch.set_num_threads(study.torch_threads)
     plan = plan_runs(study)
-    curated = curate_task(plan[0].config_path, plan[0].overrides)
+    curated = curate_data_task(plan[0].config_path, plan[0].overrides)
     models_task(config, workdir, curated)
     if study.evaluate_teacher:
         reference = teacher_run(study)

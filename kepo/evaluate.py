@@ -25,8 +25,10 @@ Choices
   match of the single `<answer>` tag), independent of the format reward.
 - Resuming: each modality's predictions are committed in one transaction, together with that
   modality's `eval_metrics` row (`replace_rows(where={run_id, iteration, modality})`), so the
-  tables agree after every commit, crash or not. A later call skips every modality whose
-  stored predictions are exactly the expected question ids, so an interrupted evaluation
+  tables agree after every commit, crash or not. Each prediction carries the fingerprint of
+  the weights that produced it (`model_sha256`, see `kepo.run.model_fingerprint`). A later call
+  skips every modality whose stored predictions are exactly the expected question ids AND come
+  from the same weights (another model, or a retrained checkpoint, is redone), so an interrupted evaluation
   resumes without redoing finished modalities, and a rerun with changed settings redoes only
   what no longer matches. Predictions of modalities no longer in the test split are removed.
 - At the end, the checkpoint's metrics are recomputed from its stored predictions and the
@@ -52,7 +54,8 @@ import pyarrow as pa
 
 from kepo.prompts import PromptItem, build_messages
 from kepo.rewards import score_completion
-from kepo.run import Run
+from kepo.run import Run, model_fingerprint
+from kepo.store import StoreError
 from schemas.tables import EVAL_METRICS, EVAL_PREDICTIONS, MODALITIES
 
 log = logging.getLogger(__name__)
@@ -161,7 +164,8 @@ def evaluate(
         raise ValueError(
             f"the curated test split in {cfg.data.out_dir} is empty; run `kepo curate` first"
         )
-    stored = _stored_question_ids(run, checkpoint)
+    fingerprint = model_fingerprint(model_path or _policy_path_or_none(run, checkpoint))
+    stored = _stored_question_ids(run, checkpoint, fingerprint)
     key = {"run_id": run.run_id, "iteration": checkpoint}
 
     # Predictions of modalities that left the test split would otherwise linger in the metrics.
@@ -182,9 +186,11 @@ def evaluate(
                 continue
             if backend is None:
                 path = Path(model_path) if model_path else run.policy_path(checkpoint)
-                owned_backend = backend = _make_backend(run, path)
+                owned_backend = backend = run.generation_backend(path, purpose="eval")
             started = time.perf_counter()
             rows = _answer(run, checkpoint, items, backend, modality)
+            for row in rows:
+                row["model_sha256"] = fingerprint
             result.generation_seconds += time.perf_counter() - started
             # The modality's metric row commits with its predictions, so eval_metrics equals a
             # recomputation from eval_predictions even when a later modality crashes.
@@ -238,28 +244,41 @@ def evaluate_shard(run: Run, checkpoint: int, shard_index: int, n_shards: int) -
     return evaluate(run, checkpoint, modalities=shard_modalities(run, shard_index, n_shards))
 
 
-def _stored_question_ids(run: Run, checkpoint: int) -> dict[str, set[str]]:
+def _policy_path_or_none(run: Run, checkpoint: int) -> Path | None:
+    try:
+        return run.policy_path(checkpoint)
+    except StoreError:
+        return None
+
+
+def _stored_question_ids(run: Run, checkpoint: int, fingerprint: str | None) -> dict[str, set[str]]:
+    """Question ids stored per modality; a modality with predictions of other weights counts
+    as missing one id (so it is redone, never reused)."""
     table = run.store.read(
         EVAL_PREDICTIONS.name,
         {"run_id": run.run_id, "iteration": checkpoint},
-        columns=["modality", "question_id"],
+        columns=["modality", "question_id", "model_sha256"],
     )
     out: dict[str, set[str]] = {}
-    for modality, qid in zip(
-        table.column("modality").to_pylist(), table.column("question_id").to_pylist(), strict=True
+    foreign: set[str] = set()
+    for modality, qid, sha in zip(
+        table.column("modality").to_pylist(),
+        table.column("question_id").to_pylist(),
+        table.column("model_sha256").to_pylist(),
+        strict=True,
     ):
         out.setdefault(modality, set()).add(qid)
-    return out
-
-
-def _make_backend(run: Run, model_path: Path) -> Any:
-    from kepo.generation import open_backend
-
-    if not Path(model_path).is_dir():
-        raise FileNotFoundError(
-            f"model folder {model_path} does not exist; pass --model DIR or train the checkpoint first"
+        if sha != fingerprint:
+            foreign.add(modality)
+    for modality in foreign:
+        log.info(
+            "%s/%d %s: stored predictions come from other weights; redoing",
+            run.run_id,
+            checkpoint,
+            modality,
         )
-    return open_backend(run.config, "student", model_path, purpose="eval")
+        out[modality] = out[modality] | {"\0other-weights"}
+    return out
 
 
 def _sampling_params(run: Run) -> Any:

@@ -415,6 +415,55 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu") if device.type == "meta" else device
 
 
+# Files of a model folder that `save_pretrained` writes itself, or that are not the processor.
+_NOT_PROCESSOR_FILES = ("config.json", "generation_config.json", "optimizer.pt")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def save_model(
+    model: Any,
+    source_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `model` as a complete Hugging Face folder `out_dir`, visible only when complete.
+
+    The weights via `save_pretrained`, the processor/tokenizer files of `source_dir` copied
+    verbatim, and `extra` ({file name: object}) with torch.save; all into a temporary sibling
+    folder (named after this process, so two writers never share it) renamed to `out_dir` at
+    the end. An existing `out_dir` is replaced.
+    """
+    import os
+    import shutil
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for src in sorted(Path(source_dir).iterdir()):
+            name = src.name
+            if (
+                src.is_file()
+                and name not in _NOT_PROCESSOR_FILES
+                and not name.endswith(_WEIGHT_SUFFIXES)
+                and not (tmp / name).exists()
+            ):
+                shutil.copyfile(src, tmp / name)
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
 def load_policy(
     path: str | Path,
     *,

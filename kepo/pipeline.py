@@ -1,4 +1,4 @@
-"""Stage bookkeeping and the order of stages in a run (no Prefect here; `flows/` wraps it).
+"""The one stage runner, the order of stages in a run, and what a finished stage must leave.
 
 A run is a sequence of stages, each recorded in the `stages` table:
 
@@ -10,24 +10,44 @@ A run is a sequence of stages, each recorded in the `stages` table:
         (k + 1, evaluate)             every `eval.every` iterations and after the last one
 
 The `iteration` of an `evaluate` stage is the policy version it evaluated, the same number the
-evaluation tables use. Resuming a run skips every stage whose status is `succeeded`; a stage left
-`running` (the process died) or `failed` is run again, and since every stage replaces its
-partitions, a rerun never duplicates rows.
+evaluation tables use.
+
+Every entry point (`kepo run`, the Prefect flows and deployment, `kepo rollout`, `kepo train`,
+`kepo eval`) runs a stage through `run_stage`, which
+
+- takes the stage's lease in the store (a second live copy of the same (run, iteration, stage)
+  is refused with StageBusyError; a lease left by a killed process is taken over),
+- records running / succeeded / failed, replacing a stale `failed` row,
+- trusts a `succeeded` stage on resume only when its outputs exist (`is_done`): the curated
+  files still match their manifest, the rollout's prompts rows, the checkpoint folder the
+  `checkpoints` row points to, and evaluation rows of the same weights.
+
+No Prefect here; `flows/` wraps these functions in tasks.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-from kepo.run import Run
+from kepo.run import Run, model_fingerprint
+from kepo.store import StoreError, StoreLockedError
 
 log = logging.getLogger(__name__)
 
 StageName = Literal["curate", "rollout", "train", "evaluate"]
+
+# How many lock waits (of store.lock_timeout_s each) a finished rollout waits to be committed.
+COMMIT_PATIENCE = 10
 
 
 @dataclass(frozen=True)
@@ -36,8 +56,8 @@ class PlannedStage:
     stage: StageName
 
 
-class StageFailed(RuntimeError):
-    """A stage raised; the error is recorded in `stages` and re-raised as this."""
+class NotReady(StoreError):
+    """A stage cannot start: a missing input or an unwritable output (the message says which)."""
 
 
 def format_error(err: BaseException, frames: int = 6) -> str:
@@ -45,13 +65,59 @@ def format_error(err: BaseException, frames: int = 6) -> str:
     return "".join(tb[-frames:])[-4000:]
 
 
+# ------------------------------------------------------------------------------ leases
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), or '' where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def lease_owner() -> str:
+    """This process as a lease holder: host:pid:start-time (start time guards against pid reuse)."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
+
+
+def holder_alive(owner: str) -> bool:
+    """Whether the process named by a lease still runs (another host's: assumed alive)."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, started = rest.partition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        pid = int(pid_text)
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass
+    return not started or _start_time(pid) == started
+
+
+# ------------------------------------------------------------------------------ the runner
 def run_stage(run: Run, iteration: int, stage: StageName, fn: Callable[[], Any]) -> Any:
-    """Run `fn` as stage (iteration, stage) of `run`, recording running / succeeded / failed."""
-    run.store.set_stage(run.run_id, iteration, stage, "running")
+    """Run `fn` as stage (iteration, stage) of `run`: lease, running / succeeded / failed.
+
+    A stage whose input policy does not exist yet is refused before anything is recorded.
+    """
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    if stage != "curate" and iteration > 0:
+        run.policy_path(iteration)  # StoreError naming the training stage to run first
+    attempt = run.store.begin_stage(
+        run.run_id, iteration, stage, owner=lease_owner(), holder_alive=holder_alive
+    )
+    log.info("run %s: %s of iteration %d (attempt %d)", run.run_id, stage, iteration, attempt)
     try:
         result = fn()
     except BaseException as err:
-        run.store.set_stage(run.run_id, iteration, stage, "failed", error=format_error(err))
+        try:
+            run.store.set_stage(run.run_id, iteration, stage, "failed", error=format_error(err))
+        except StoreError as store_err:  # e.g. the file is held; the lease dies with us
+            log.error("could not record the failure of %s: %s", stage, store_err)
         log.error("run %s: stage %s of iteration %d failed: %s", run.run_id, stage, iteration, err)
         raise
     run.store.set_stage(run.run_id, iteration, stage, "succeeded")
@@ -59,7 +125,50 @@ def run_stage(run: Run, iteration: int, stage: StageName, fn: Callable[[], Any])
 
 
 def is_done(run: Run, iteration: int, stage: StageName) -> bool:
-    return run.store.stage_status(run.run_id, iteration, stage) == "succeeded"
+    """Succeeded AND its outputs are still there (a resume never trusts the status alone)."""
+    if run.store.stage_status(run.run_id, iteration, stage) != "succeeded":
+        return False
+    missing = missing_outputs(run, iteration, stage)
+    if missing:
+        log.warning(
+            "run %s: %s of iteration %d succeeded but %s; running it again",
+            run.run_id,
+            stage,
+            iteration,
+            missing,
+        )
+    return not missing
+
+
+def missing_outputs(run: Run, iteration: int, stage: StageName) -> str | None:
+    """Why a succeeded stage's outputs cannot be trusted, or None when they are all there."""
+    key = {"run_id": run.run_id, "iteration": iteration}
+    if stage == "curate":
+        from kepo.curate import curation_status
+
+        status = curation_status(run.config.data)
+        return None if status.current else f"the curated data is not current ({status.reason})"
+    if stage == "rollout":
+        return None if run.store.count("prompts", key) else "its prompts rows are gone"
+    if stage == "train":
+        folder = run.recorded_checkpoint(iteration + 1)
+        if folder is None:
+            return f"no checkpoints row for policy version {iteration + 1}"
+        if not (folder / "config.json").is_file():
+            return f"its checkpoint folder {folder} is missing or incomplete"
+        return None
+    if stage == "evaluate":
+        rows = run.store.read("eval_predictions", key, columns=["model_sha256"])
+        if not rows.num_rows:
+            return "its eval_predictions rows are gone"
+        try:
+            current = model_fingerprint(run.policy_path(iteration))
+        except StoreError:
+            return f"policy version {iteration} has no checkpoint"
+        if set(rows.column("model_sha256").to_pylist()) != {current}:
+            return "its predictions come from other weights than the current checkpoint"
+        return None
+    raise ValueError(f"unknown stage {stage!r}")
 
 
 def evaluates_after(run: Run, iteration: int) -> bool:
@@ -85,12 +194,37 @@ def run_plan(run: Run, iterations: int | None = None) -> list[PlannedStage]:
     return plan
 
 
-def pending(run: Run, plan: list[PlannedStage]) -> list[PlannedStage]:
-    """The stages of `plan` not yet succeeded (resume point first)."""
-    return [p for p in plan if not is_done(run, p.iteration, p.stage)]
+# ------------------------------------------------------------------------------ checks
+def check_models(config: Any) -> None:
+    """Refuse (naming the setting) when a configured model folder does not exist."""
+    models = config.models
+    wanted = [("models.student", models.student)]
+    if config.algorithm.uses_teacher:
+        wanted.append(("models.teacher", models.teacher))
+    if models.reference is not None:
+        wanted.append(("models.reference", models.reference))
+    for name, folder in wanted:
+        if folder is None or not Path(folder).is_dir():
+            raise NotReady(
+                f"{name} = {folder}: no such model folder; set {name} to a local Hugging Face "
+                "model folder (e.g. --set " + f"{name}=/path/to/model)"
+            )
 
 
-# ------------------------------------------------------------------------------- stage bodies
+def check_writable(folder: Path, what: str) -> None:
+    """Create `folder` if needed and prove a file can be written there (before any work)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise NotReady(
+            f"{what} {folder} is not writable ({err.strerror or err}); fix its permissions "
+            "or point workdir at a writable folder"
+        ) from None
+
+
+# ------------------------------------------------------------------------------ stage bodies
 def curate_stage(run: Run) -> Any:
     """Build or reuse the curated dataset of the run's config."""
     from kepo.curate import ensure_curated
@@ -98,15 +232,71 @@ def curate_stage(run: Run) -> Any:
     return ensure_curated(run.config.data)
 
 
-def rollout_stage(run: Run, iteration: int) -> Any:
-    from kepo.rollout import run_rollout
+def shard_dir(run: Run, iteration: int, shard_index: int) -> Path:
+    """Where shard `shard_index` of iteration `iteration`'s rollout keeps its Parquet files."""
+    return (
+        run.workdir
+        / "shards"
+        / run.run_id
+        / f"iteration-{iteration:04d}"
+        / f"shard-{shard_index:03d}"
+    )
 
-    return run_rollout(run, iteration)
+
+def rollout_stage(run: Run, iteration: int) -> Any:
+    """Roll out into Parquet first, then commit; a finished rollout is never thrown away.
+
+    If the commit cannot get the database (a long reader), the Parquet files stay and the next
+    run of the stage commits them without recomputing (they carry the run's config hash).
+    """
+    from kepo.rollout import RolloutError, rollout_shard
+
+    out = shard_dir(run, iteration, 0)
+    if (out / "manifest.json").is_file():
+        try:
+            result = commit_rollout(run, iteration, [out])
+        except RolloutError as err:
+            log.info("not reusing %s (%s); rolling out again", out, err)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            return result
+    rollout_shard(run, iteration, 0, 1, out)
+    result = commit_rollout(run, iteration, [out])
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def commit_rollout(run: Run, iteration: int, shard_dirs: list[Path]) -> Any:
+    """commit_shards, waiting up to COMMIT_PATIENCE lock timeouts while another process reads."""
+    from kepo.rollout import commit_shards
+
+    for wait in range(COMMIT_PATIENCE):
+        try:
+            return commit_shards(run, iteration, shard_dirs)
+        except StoreLockedError as err:
+            if wait == COMMIT_PATIENCE - 1:
+                raise StoreLockedError(
+                    f"{err} The rollout of iteration {iteration} is kept in "
+                    f"{', '.join(map(str, shard_dirs))}: rerun the stage (`kepo rollout` or "
+                    "`kepo run`) to commit it without recomputing."
+                ) from None
+            log.warning(
+                "%s is held by another process; the finished rollout waits in %s",
+                run.store.path,
+                shard_dirs[0],
+            )
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def train_stage(run: Run, iteration: int) -> Any:
     from kepo.train import train_iteration
 
+    target = run.checkpoint_dir(iteration + 1)
+    check_writable(target.parent, "the checkpoint folder")
+    # Half-written copies of a killed attempt (we hold the lease: nobody else writes them).
+    for stale in target.parent.glob(f"{target.name}*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return train_iteration(run, iteration)
 
 
@@ -116,15 +306,11 @@ def evaluate_stage(run: Run, version: int) -> Any:
     return evaluate(run, version)
 
 
-STAGE_BODIES: dict[str, Callable[[Run, int], Any]] = {
-    "curate": lambda run, _k: curate_stage(run),
-    "rollout": rollout_stage,
-    "train": train_stage,
-    "evaluate": evaluate_stage,
-}
-
-
 def execute(run: Run, planned: PlannedStage) -> Any:
     """Run one planned stage with bookkeeping."""
-    body = STAGE_BODIES[planned.stage]
+    if planned.stage == "curate":
+        return run_stage(run, 0, "curate", lambda: curate_stage(run))
+    body = {"rollout": rollout_stage, "train": train_stage, "evaluate": evaluate_stage}[
+        planned.stage
+    ]
     return run_stage(run, planned.iteration, planned.stage, lambda: body(run, planned.iteration))

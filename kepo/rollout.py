@@ -207,11 +207,10 @@ class _Backends:
 
 
 def _make_backend(run: Run, path: Path, role: str = "student") -> GenerationBackend:
-    from kepo.generation import open_backend
-
-    if not path.is_dir():
-        raise RolloutError(f"model folder {path} does not exist; build or download it first")
-    return open_backend(run.config, role, path)  # type: ignore[arg-type]
+    try:
+        return run.generation_backend(path, role=role)  # type: ignore[arg-type]
+    except FileNotFoundError as err:
+        raise RolloutError(str(err)) from None
 
 
 def _same_folder(a: Path, b: Path) -> bool:

@@ -12,12 +12,60 @@ iteration k samples from version k, and evaluation of version k writes `iteratio
 from __future__ import annotations
 
 import hashlib
+import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from kepo.config import RunConfig
+from kepo.config import RunConfig, parse_config
 from kepo.store import Store, StoreError, utcnow
+
+log = logging.getLogger(__name__)
+
+# Settings that never change a stored row (where things run, how fast, how much of the plan).
+HARMLESS_SETTINGS = (
+    "iterations",
+    "description",
+    "workdir",
+    "study",
+    "store.",
+    "models.device",
+    "models.torch_threads",
+    "models.attn_implementation",
+    "rollout.shards",
+    "rollout.generation_batch_size",
+    "rollout.scoring_batch_size",
+    "rollout.vllm_gpu_memory_utilization",
+    "eval.batch_size",
+    "eval.every",
+    "data.image_workers",
+)
+# Which stages' stored rows a changed setting invalidates (first matching prefix wins).
+_INVALIDATES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("data.", ("curate", "rollout", "train", "evaluate")),
+    ("eval.", ("evaluate",)),
+    ("", ("rollout", "train", "evaluate")),
+)
+# The tables each stage writes (dropped with it by `discard_stale`).
+STAGE_TABLES = {
+    "curate": (),
+    "rollout": ("prompts", "rollouts", "hints", "hint_attempts", "teacher_topk"),
+    "train": ("train_steps", "checkpoints"),
+    "evaluate": ("eval_predictions", "eval_metrics"),
+}
+_PATH_FIELDS = (
+    ("workdir",),
+    ("data", "out_dir"),
+    ("data", "root"),
+    ("models", "student"),
+    ("models", "teacher"),
+    ("models", "reference"),
+)
+
+
+class SettingsChanged(StoreError):
+    """A rerun's settings contradict rows the run has stored."""
 
 
 def derive_seed(*parts: object) -> int:
@@ -36,19 +84,74 @@ class Run:
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def create(cls, config: RunConfig) -> Run:
-        """Register (or re-register) `config` in `<workdir>/kepo.duckdb` and return the handle."""
-        store = Store.for_workdir(config.workdir, lock_timeout_s=config.store.lock_timeout_s)
+    def create(
+        cls, config: RunConfig, *, store: Store | None = None, discard_stale: bool = False
+    ) -> Run:
+        """Register (or re-register) `config` in `<workdir>/kepo.duckdb` and return the handle.
+
+        Re-registering with settings that contradict stored rows raises SettingsChanged naming
+        the settings; `discard_stale=True` drops the affected stages' rows first (and the
+        run's checkpoint folders when training is affected), so they are recomputed.
+        """
+        if store is None:
+            store = Store.for_workdir(config.workdir, lock_timeout_s=config.store.lock_timeout_s)
+        run = cls(config=config, store=store)
+        stored = None
+        if store.path.is_file() and config.run_id in store.run_ids():
+            stored = relocate(store.run_config(config.run_id), store.path)
+        if stored is not None:
+            changes = changed_settings(stored, config)
+            affected = run.stages_with_rows(invalidated_stages(changes))
+            if affected and not discard_stale:
+                shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:4])
+                raise SettingsChanged(
+                    f"run {config.run_id}: changed settings ({shown}) contradict its stored "
+                    f"{'/'.join(affected)} rows; use a new run id (e.g. --set run_id=NEW) or "
+                    "rerun with --discard-stale to drop those rows and recompute them"
+                )
+            if affected:
+                run.discard(affected)
         store.register_run(config)
-        return cls(config=config, store=store)
+        return run
 
     @classmethod
     def open(cls, db_path: str | Path, run_id: str) -> Run:
-        """Re-open a registered run from its database file."""
+        """Re-open a registered run from its database file.
+
+        The run's folder is the database's folder: a run registered elsewhere (a copied or moved
+        workdir) has its workdir, and every configured path inside the old workdir, moved here,
+        so nothing is ever read from or written into the original tree.
+        """
         store = Store(db_path)
-        config = store.run_config(run_id)
+        if not store.path.exists():
+            raise StoreError(
+                f"{store.path}: no such database; pass the run's <workdir>/kepo.duckdb with --db"
+            )
+        config = relocate(store.run_config(run_id), store.path)
         store.lock_timeout_s = config.store.lock_timeout_s
         return cls(config=config, store=store)
+
+    # ---------------------------------------------------------------- stored rows
+    def stages_with_rows(self, stages: tuple[str, ...]) -> list[str]:
+        """The stages among `stages` that have a `stages` row for this run."""
+        if not stages or not self.store.path.is_file():
+            return []
+        rows = self.store.read("stages", {"run_id": self.run_id}, columns=["stage"])
+        present = set(rows.column("stage").to_pylist())
+        return [s for s in stages if s in present]
+
+    def discard(self, stages: list[str]) -> None:
+        """Drop every row the given stages wrote for this run (all iterations)."""
+        log.warning("run %s: discarding the stored rows of %s", self.run_id, ", ".join(stages))
+        for stage in stages:
+            self.store.replace_rows({"stages": []}, where={"run_id": self.run_id, "stage": stage})
+        tables = [t for s in stages for t in STAGE_TABLES[s]]
+        if tables:
+            self.store.replace_rows({t: [] for t in tables}, where={"run_id": self.run_id})
+        if "train" in stages:
+            folder = self.workdir / "checkpoints" / self.run_id
+            if folder.is_dir():
+                shutil.rmtree(folder)
 
     @property
     def run_id(self) -> str:
@@ -62,9 +165,23 @@ class Run:
     def questions(self) -> Any:
         """The curated dataset (kepo.dataset.QuestionSet), opened once per handle."""
         if self._questions is None:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
             from kepo.dataset import QuestionSet
 
-            self._questions = QuestionSet(self.config.data.out_dir)
+            out_dir = Path(self.config.data.out_dir)
+            try:
+                questions = QuestionSet(out_dir)
+                for name in ("train.parquet", "test.parquet", "pool.parquet"):
+                    if name != "pool.parquet" or (out_dir / name).exists():
+                        pq.read_metadata(out_dir / name)  # a truncated file fails here
+                self._questions = questions
+            except (pa.ArrowInvalid, OSError) as err:
+                raise StoreError(
+                    f"the curated data in {out_dir} cannot be read ({str(err).splitlines()[0]}); "
+                    f"delete that folder and rerun `kepo run` (it re-curates), or `kepo curate`"
+                ) from None
         return self._questions
 
     # ---------------------------------------------------------------- seeds
@@ -76,18 +193,47 @@ class Run:
     def checkpoint_dir(self, version: int) -> Path:
         return self.workdir / "checkpoints" / self.run_id / f"policy-{version:04d}"
 
+    def new_checkpoint_dir(self, version: int) -> Path:
+        """A folder for a new copy of `version` that no stored row points to.
+
+        `checkpoint_dir(version)` when free, else `policy-NNNN-2`, `-3`, ...: a rerun writes
+        beside the recorded copy, records the new one, and only then removes the old.
+        """
+        base = self.checkpoint_dir(version)
+        recorded = self.recorded_checkpoint(version)
+        candidate, n = base, 1
+        while candidate.exists() or (recorded is not None and candidate == recorded):
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+        return candidate
+
+    def recorded_checkpoint(self, version: int) -> Path | None:
+        """The folder the `checkpoints` row of `version` points to (None without a row)."""
+        rows = self.store.read("checkpoints", {"run_id": self.run_id, "iteration": version})
+        if not rows.num_rows:
+            return None
+        path = Path(rows.column("path")[0].as_py())
+        return path if path.is_absolute() else self.workdir / path
+
+    def owns(self, path: Path) -> bool:
+        """Whether `path` lies inside this run's workdir (only such folders are ever removed)."""
+        try:
+            Path(path).resolve().relative_to(self.workdir.resolve())
+        except ValueError:
+            return False
+        return True
+
     def policy_path(self, version: int) -> Path:
         """Model folder of policy `version` (0 = the initial student)."""
         if version == 0:
             return Path(self.config.models.student)
-        rows = self.store.read("checkpoints", {"run_id": self.run_id, "iteration": version})
-        if not rows.num_rows:
+        path = self.recorded_checkpoint(version)
+        if path is None:
             raise StoreError(
                 f"run {self.run_id}: no checkpoint for policy version {version}; "
                 f"run the training stage of iteration {version - 1} first"
             )
-        path = Path(rows.column("path")[0].as_py())
-        return path if path.is_absolute() else self.workdir / path
+        return path
 
     def latest_policy_version(self) -> int:
         rows = (
@@ -99,6 +245,30 @@ class Run:
         )
         value = rows.column("v")[0].as_py() if rows is not None and rows.num_rows else None
         return int(value) if value is not None else 0
+
+    def generation_backend(
+        self,
+        model_path: str | Path,
+        *,
+        role: Literal["student", "teacher", "reference"] = "student",
+        purpose: Literal["rollout", "eval"] = "rollout",
+    ) -> Any:
+        """The configured generation backend (kepo.generation) for `role` on a local model folder.
+
+        The one place a run turns its settings into a backend (`kepo.generation.open_backend`:
+        HF or vLLM per role, engine settings, teacher placement); rollout and evaluation differ
+        only in the batch size (`purpose`). Raises FileNotFoundError when the folder does not
+        exist.
+        """
+        from kepo.generation import open_backend
+
+        path = Path(model_path)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"model folder {path} does not exist; build or download it, or train the "
+                "checkpoint first"
+            )
+        return open_backend(self.config, role, path, purpose=purpose)
 
     def record_checkpoint(
         self, version: int, path: Path, *, optimizer_path: Path | None, n_params: int
@@ -120,3 +290,130 @@ class Run:
             "n_params": n_params,
         }
         self.store.overwrite_partition("checkpoints", [row], self.run_id, version)
+
+
+# ------------------------------------------------------------------------------ models
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".gguf")
+_WHOLE_FILE_BYTES = 64 << 20
+_BLOCKS, _BLOCK_BYTES = 64, 64 << 10
+_fingerprints: dict[tuple, str] = {}
+
+
+def model_fingerprint(folder: str | Path | None) -> str | None:
+    """sha256 over a model folder's config.json and weight files (None if it is not a folder).
+
+    Two folders with the same weights have the same fingerprint wherever they are; results
+    stored with a fingerprint are reused only for the same one. Files up to 64 MiB are hashed
+    whole; larger ones by their size and 64 evenly spaced 64 KiB blocks (training changes every
+    tensor, so a retrained checkpoint differs in every block, and a 2B model is read in
+    milliseconds, not seconds). Cached per (file, size, mtime).
+    """
+    if folder is None or not Path(folder).is_dir():
+        return None
+    folder = Path(folder)
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and (p.name == "config.json" or p.name.endswith(_WEIGHT_SUFFIXES))
+    )
+    key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if key not in _fingerprints:
+        digest = hashlib.sha256()
+        for p in files:
+            size = p.stat().st_size
+            digest.update(f"{p.name}\0{size}\0".encode())
+            with p.open("rb") as f:
+                if size <= _WHOLE_FILE_BYTES:
+                    digest.update(f.read())
+                    continue
+                for i in range(_BLOCKS):
+                    f.seek((size - _BLOCK_BYTES) * i // (_BLOCKS - 1))
+                    digest.update(f.read(_BLOCK_BYTES))
+        _fingerprints[key] = digest.hexdigest()
+    return _fingerprints[key]
+
+
+# ------------------------------------------------------------------------------ settings
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def changed_settings(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted settings whose value differs and that can change stored rows: {name: (old, new)}."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    changes = {}
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key):
+            continue
+        if any(key == h or (h.endswith(".") and key.startswith(h)) for h in HARMLESS_SETTINGS):
+            continue
+        changes[key] = (a.get(key), b.get(key))
+    return changes
+
+
+def invalidated_stages(changes: dict[str, Any]) -> tuple[str, ...]:
+    """The stages whose stored rows the changed settings invalidate (pipeline order)."""
+    hit: set[str] = set()
+    for key in changes:
+        for prefix, stages in _INVALIDATES:
+            if key.startswith(prefix):
+                hit.update(stages)
+                break
+    return tuple(s for s in ("curate", "rollout", "train", "evaluate") if s in hit)
+
+
+# ------------------------------------------------------------------------------ paths
+def relocate(config: RunConfig, db_path: str | Path) -> RunConfig:
+    """`config` with its run folder moved to the database's folder (see `Run.open`).
+
+    Unchanged when the stored workdir is that folder. Otherwise the workdir becomes the
+    database's folder, and every configured path inside the old workdir is moved with it;
+    paths outside it (a shared curated dataset, model folders) stay as they are.
+    """
+    home = Path(db_path).resolve().parent
+    old = Path(config.workdir)
+    if _resolve(old) == home:
+        return config
+    data = config.model_dump(mode="json")
+    moved = []
+    for path in _PATH_FIELDS:
+        node = data
+        for part in path[:-1]:
+            node = node[part]
+        value = node[path[-1]]
+        if value is None:
+            continue
+        rel = _inside(Path(value), old)
+        if rel is not None:
+            node[path[-1]] = str(home / rel)
+            moved.append(".".join(path))
+    log.info(
+        "run %s was registered in %s; its database is in %s: %s resolve there",
+        config.run_id,
+        old,
+        home,
+        ", ".join(moved),
+    )
+    return parse_config(data, "stored config")
+
+
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except OSError:
+        return path.absolute()
+
+
+def _inside(path: Path, folder: Path) -> Path | None:
+    """`path` relative to `folder` when inside it (lexically, or once both are resolved)."""
+    for p, f in ((path, folder), (_resolve(path), _resolve(folder))):
+        try:
+            return p.relative_to(f)
+        except ValueError:
+            continue
+    return None

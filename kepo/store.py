@@ -15,10 +15,9 @@ Identifiers come only from `schemas/`; values are always `?` parameters.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +56,10 @@ class StoreError(RuntimeError):
 
 class StoreLockedError(StoreError):
     """Another process holds the database file."""
+
+
+class StageBusyError(StoreError):
+    """Another live process holds the lease of the same (run, iteration, stage)."""
 
 
 class ValidationFailed(StoreError):
@@ -185,6 +188,10 @@ class Store:
     @contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection; retries while another process holds the file."""
+        if self.path.is_dir():
+            raise StoreError(
+                f"{self.path} is a folder, not a database file; pass --db <workdir>/kepo.duckdb"
+            )
         if read_only and not self.path.exists():
             raise StoreError(
                 f"{self.path}: no such database; run a pipeline stage first (e.g. `kepo demo`)"
@@ -201,6 +208,11 @@ class Store:
                 )
                 break
             except duckdb.IOException as err:
+                if "not a valid DuckDB database" in str(err):
+                    raise StoreError(
+                        f"{self.path} is not a DuckDB database (a kepo store is "
+                        "<workdir>/kepo.duckdb); pass the run's database with --db"
+                    ) from None
                 if "lock" not in str(err).lower():
                     raise
                 if time.monotonic() >= deadline:
@@ -223,6 +235,14 @@ class Store:
     def _ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
         for table in STORE_TABLES.values():
             con.execute(table.duckdb_ddl())
+        # A database written before a nullable column was declared gets it added (NULL).
+        present = set(
+            con.execute("SELECT table_name, column_name FROM information_schema.columns").fetchall()
+        )
+        for table in STORE_TABLES.values():
+            for col in table.columns:
+                if col.nullable and (table.name, col.name) not in present:
+                    con.execute(f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.duckdb_type}")
         _ensure_comments(con)
 
     def initialize(self) -> None:
@@ -264,19 +284,10 @@ class Store:
                         f"{name}: rows outside the partition being written ({col} != {value!r})"
                     )
             prepared[name] = data
-        written: dict[str, int] = {}
         with self.connect() as con:
             con.execute("BEGIN TRANSACTION")
             try:
-                for name, data in prepared.items():
-                    clause = " AND ".join(f"{col} = ?" for col in where)
-                    con.execute(f"DELETE FROM {name} WHERE {clause}", list(where.values()))
-                    if data.num_rows:
-                        con.register("_kepo_rows", data)
-                        cols = ", ".join(data.column_names)
-                        con.execute(f"INSERT INTO {name} ({cols}) SELECT {cols} FROM _kepo_rows")
-                        con.unregister("_kepo_rows")
-                    written[name] = data.num_rows
+                written = _replace_in(con, prepared, where)
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
@@ -386,6 +397,7 @@ class Store:
                 "finished_at": None,
                 "error": None,
                 "attempt": (prev_row["attempt"] + 1) if prev_row else 1,
+                "lease_owner": None,
             }
         else:
             started = prev_row["started_at"] if prev_row else now
@@ -396,8 +408,63 @@ class Store:
                 "finished_at": now,
                 "error": error,
                 "attempt": prev_row["attempt"] if prev_row else 1,
+                "lease_owner": None,
             }
         self.replace_rows({STAGES_TABLE.name: [row]}, where=where)
+
+    def begin_stage(
+        self,
+        run_id: str,
+        iteration: int,
+        stage: str,
+        *,
+        owner: str,
+        holder_alive: Callable[[str], bool],
+    ) -> int:
+        """Take the lease of (run, iteration, stage) and mark it running; returns the attempt.
+
+        Read and write happen in one transaction on one connection, and DuckDB admits one
+        writing process, so two processes cannot both take the lease. A `running` row whose
+        `lease_owner` is another process that is still alive (`holder_alive(owner)`) refuses
+        with StageBusyError; a row left by a dead process (killed, crashed), or by this process
+        (a failure it could not record), is taken over.
+        """
+        where = {"run_id": run_id, "iteration": iteration, "stage": stage}
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                prev = con.execute(
+                    f"SELECT status, attempt, lease_owner, started_at FROM {STAGES_TABLE.name} "
+                    "WHERE run_id = ? AND iteration = ? AND stage = ?",
+                    list(where.values()),
+                ).fetchone()
+                if (
+                    prev
+                    and prev[0] == "running"
+                    and prev[2]
+                    and prev[2] != owner  # our own lease, left when a failure could not be recorded
+                    and holder_alive(prev[2])
+                ):
+                    raise StageBusyError(
+                        f"run {run_id}: {stage} of iteration {iteration} is already running "
+                        f"(process {prev[2]}, started {prev[3]:%Y-%m-%d %H:%M:%S} UTC); wait for it "
+                        "to finish, or stop that process and run the stage again"
+                    )
+                row = {
+                    **where,
+                    "status": "running",
+                    "started_at": utcnow(),
+                    "finished_at": None,
+                    "error": None,
+                    "attempt": (prev[1] + 1) if prev else 1,
+                    "lease_owner": owner,
+                }
+                _replace_in(con, {STAGES_TABLE.name: to_arrow(STAGES_TABLE, [row])}, where)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return row["attempt"]
 
     def stage_status(self, run_id: str, iteration: int, stage: str) -> str | None:
         rows = self.read(
@@ -441,6 +508,23 @@ def _ensure_comments(con: duckdb.DuckDBPyConnection) -> None:
         raise
 
 
+def _replace_in(
+    con: duckdb.DuckDBPyConnection, prepared: Mapping[str, pa.Table], where: Mapping[str, Any]
+) -> dict[str, int]:
+    """Delete the rows matching `where` and insert `prepared`, inside the caller's transaction."""
+    written: dict[str, int] = {}
+    for name, data in prepared.items():
+        clause = " AND ".join(f"{col} = ?" for col in where)
+        con.execute(f"DELETE FROM {name} WHERE {clause}", list(where.values()))
+        if data.num_rows:
+            con.register("_kepo_rows", data)
+            cols = ", ".join(data.column_names)
+            con.execute(f"INSERT INTO {name} ({cols}) SELECT {cols} FROM _kepo_rows")
+            con.unregister("_kepo_rows")
+        written[name] = data.num_rows
+    return written
+
+
 def _store_table(name: str) -> Table:
     decl = get_table(name)
     if decl.storage != "duckdb":
@@ -465,7 +549,3 @@ def check_read_only(sql: str) -> None:
                 f"refused: `{st.query.strip()[:60]}` is a {kind} statement; `kepo sql` is read-only "
                 "(SELECT/EXPLAIN/DESCRIBE/SUMMARIZE only). Tables change only through pipeline stages."
             )
-
-
-def dumps_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)

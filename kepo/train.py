@@ -48,11 +48,13 @@ run; without it (version 0, or save_optimizer off) AdamW starts fresh. With mixe
 student trains and is saved in float32 (master weights: a bf16 copy would round updates of
 lr 2e-6 away); the rollout/evaluation stages cast it to `models.dtype` on load.
 
-Outputs (main process only): version k + 1 in `run.checkpoint_dir(k + 1)` — the model via
-`save_pretrained`, the processor/tokenizer files copied byte for byte from version k's folder
-(the image-only processor kepo builds without torchvision would otherwise write a processor
-class only kepo knows), `optimizer.pt` when train.save_optimizer — then `train_steps` of
-iteration k (replacing any earlier attempt) and the `checkpoints` row of version k + 1.
+Outputs (main process only): version k + 1 in `run.new_checkpoint_dir(k + 1)` (`policy-NNNN`,
+or `policy-NNNN-2`, ... beside a recorded copy) — the model via `save_pretrained`, the
+processor/tokenizer files copied byte for byte from version k's folder (the image-only
+processor kepo builds without torchvision would otherwise write a processor class only kepo
+knows), `optimizer.pt` when train.save_optimizer — then `train_steps` of iteration k
+(replacing any earlier attempt) and the `checkpoints` row of version k + 1, and only then is
+the previously recorded folder removed (write new, record, remove old).
 
 Several processes: `accelerate launch --multi_gpu --num_processes N -m kepo.train --db FILE
 --run R --iteration K` (GPUs; also on a CPU-only machine, where models.device: cpu makes every
@@ -87,6 +89,7 @@ from kepo.models import (
     completion_mask_of,
     load_policy,
     resolve_device,
+    save_model,
     teacher_placement,
 )
 from kepo.objectives import (
@@ -113,9 +116,6 @@ LOSS_PARTS: tuple[LossPart, ...] = ("loss_pg", "loss_kl", "loss_distill", "loss_
 TOKEN_METRICS = ("clipfrac", "approx_kl", "entropy")
 # Token metrics every algorithm reports (the others only the policy-gradient ones).
 ALL_ALGORITHM_METRICS = ("entropy",)
-# Files of a model folder that `save_pretrained` writes itself, or that are not the processor.
-_NOT_PROCESSOR_FILES = ("config.json", "generation_config.json", "optimizer.pt")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 OPTIMIZER_FILE = "optimizer.pt"
 
 
@@ -707,34 +707,6 @@ def _needs_teacher(cfg: RunConfig, data: TrainingData) -> bool:
     )
 
 
-def _save_checkpoint(
-    accelerator: Any, model: Any, source_dir: Path, out_dir: Path, optimizer_state: dict | None
-) -> Path | None:
-    """Write version k + 1 to a temporary folder, then swap it in (a rerun replaces it)."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-    for src in sorted(Path(source_dir).iterdir()):
-        name = src.name
-        if (
-            src.is_file()
-            and name not in _NOT_PROCESSOR_FILES
-            and not name.endswith(_WEIGHT_SUFFIXES)
-            and not (tmp / name).exists()
-        ):
-            shutil.copyfile(src, tmp / name)
-    optimizer_path = None
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        optimizer_path = out_dir / OPTIMIZER_FILE
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return optimizer_path
-
-
 def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> TrainResult:
     """Train policy version `iteration` on the iteration's stored rows; write version + 1.
 
@@ -844,8 +816,6 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
 
     accelerator.wait_for_everyone()
     version = iteration + 1
-    out_dir = run.checkpoint_dir(version)
-    optimizer_path = None
     if accelerator.is_main_process:
         last_global = step_rows[-1]["global_step"] if step_rows else iteration * nominal - 1
         optimizer_state = (
@@ -862,11 +832,23 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
             if cfg.train.save_optimizer
             else None
         )
-        optimizer_path = _save_checkpoint(accelerator, model, policy_dir, out_dir, optimizer_state)
+        # Write new, record, then remove old: a kill at any point leaves the row pointing at a
+        # complete folder (a rerun writes beside the recorded copy, never over it).
+        previous_dir = run.recorded_checkpoint(version)
+        out_dir = save_model(
+            accelerator.unwrap_model(model).eval(),
+            policy_dir,
+            run.new_checkpoint_dir(version),
+            extra={OPTIMIZER_FILE: optimizer_state} if optimizer_state is not None else None,
+        )
+        optimizer_path = out_dir / OPTIMIZER_FILE if optimizer_state is not None else None
         run.store.overwrite_partition("train_steps", step_rows, run.run_id, iteration)
         run.record_checkpoint(version, out_dir, optimizer_path=optimizer_path, n_params=n_params)
         export_train_steps(trackers, step_rows)
+        if previous_dir is not None and previous_dir != out_dir and run.owns(previous_dir):
+            shutil.rmtree(previous_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
+    out_dir = run.policy_path(version)
 
     finite = [
         r["loss_total"] for r in step_rows if r["loss_total"] is not None and not r["skipped"]

@@ -21,31 +21,27 @@ from __future__ import annotations
 import logging
 import math
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from kepo.dataset import QuestionSet
 from kepo.losses import sft_loss
-from kepo.models import build_sequence_batch, completion_logits, completion_mask_of, load_policy
+from kepo.models import (
+    build_sequence_batch,
+    completion_logits,
+    completion_mask_of,
+    load_policy,
+    save_model,
+)
 from kepo.objectives import dataset_target_text
 from kepo.progress import progress
 from kepo.prompts import PromptItem, build_messages
 
 log = logging.getLogger(__name__)
-
-# Files of a model folder that save_pretrained rewrites; everything else is copied across.
-_MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "model.safetensors.index.json",
-)
 
 
 @dataclass(frozen=True)
@@ -203,6 +199,7 @@ def supervised_finetune(
             losses.append(float(loss.detach()))
             recent = sum(losses[-10:]) / len(losses[-10:])
             advance(loss=recent)
+    model.eval()
     save_model(model, model_dir, out_dir)
     report = WarmupReport(
         Path(out_dir),
@@ -237,23 +234,6 @@ def answer_token_weights(
         torch.full_like(ids, 0, dtype=torch.float32) + weight,
         torch.ones_like(ids, dtype=torch.float32),
     )
-
-
-def save_model(model: Any, source_dir: str | Path, out_dir: str | Path) -> None:
-    """save_pretrained the weights; copy the processor/tokenizer files of `source_dir` verbatim."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.eval()
-    model.save_pretrained(tmp, safe_serialization=True)
-    for src in Path(source_dir).iterdir():
-        if src.is_file() and src.name not in _MODEL_FILES and not (tmp / src.name).exists():
-            shutil.copyfile(src, tmp / src.name)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
 
 
 def warm_up_pair(

@@ -139,6 +139,12 @@ STAGES_TABLE = Table(
             nullable=True,
         ),
         Col("attempt", "int32", "How many times this stage has been started.", ge=1),
+        Col(
+            "lease_owner",
+            "string",
+            "host:pid:start-time of the process running the stage (its lease); NULL when done.",
+            nullable=True,
+        ),
     ),
 )
 
@@ -440,6 +446,13 @@ EVAL_PREDICTIONS = Table(
         Col("correct", "bool", "parsed_answer = gold_letter."),
         Col("reward_format", "float64", "Format reward of the output.", ge=0, le=1),
         Col("n_tokens", "int32", "Output tokens.", ge=0),
+        Col(
+            "model_sha256",
+            "string",
+            "Fingerprint of the evaluated weights (sha256 over the model folder's config and "
+            "weight files); a rerun reuses predictions only with the same fingerprint.",
+            nullable=True,
+        ),
     ),
 )
 

@@ -133,6 +133,7 @@ def prediction_row(
         "correct": correct,
         "reward_format": 1.0,
         "n_tokens": 3,
+        "model_sha256": None,
     }
 
 

@@ -42,6 +42,8 @@ def audit(
     err = Console(stderr=True)
     store = Store(db, lock_timeout_s=lock_timeout_s)
     try:
+        if not store.path.exists():
+            raise StoreError(f"{db}: no such database; pass the run's <workdir>/kepo.duckdb")
         if prompt is None:
             rows = iteration_overview(store, run_id, iteration)
             if not rows:

@@ -33,16 +33,18 @@ def demo(
     start = time.perf_counter()
     console.rule("[bold]kepo demo")
     from flows.demo import kepo_demo  # Prefect is imported only when the demo runs
+    from flows.server import temporary_api
     from kepo.demo import EXAMPLE_QUERIES
     from kepo.queries import run_query
     from kepo.store import Store
 
-    result = kepo_demo(
-        workdir=str(workdir),
-        iterations=iterations,
-        student_warmup_steps=student_warmup_steps,
-        teacher_warmup_steps=teacher_warmup_steps,
-    )
+    with temporary_api():
+        result = kepo_demo(
+            workdir=str(workdir),
+            iterations=iterations,
+            student_warmup_steps=student_warmup_steps,
+            teacher_warmup_steps=teacher_warmup_steps,
+        )
     store = Store(result["db"])
     console.rule("[bold]Table 1 (accuracy %, last checkpoint of each run)")
     print_table(run_query(store, "table1"), console)

@@ -18,9 +18,10 @@ import typer
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from kepo.config import ConfigError, load_config
+from kepo.commands.common import fail, user_errors
+from kepo.config import load_config
 from kepo.run import Run
-from kepo.store import Store, StoreError
+from kepo.store import Store
 
 
 def evaluate_command(
@@ -44,22 +45,30 @@ def evaluate_command(
         int | None,
         typer.Option("--max-items", help="Override eval.max_items_per_modality."),
     ] = None,
+    discard_stale: Annotated[
+        bool,
+        typer.Option(
+            "--discard-stale",
+            help="With --model: drop the run's rows that the new config contradicts.",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate one policy version on every modality of the test split; writes eval tables."""
-    err = Console(stderr=True)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run, version = _open(db, run_id, checkpoint, model, config, iteration)
+        run, version = _open(db, run_id, checkpoint, model, config, iteration, discard_stale)
         if max_items is not None:
             run.config.eval.max_items_per_modality = max_items
         from kepo.evaluate import evaluate
+        from kepo.pipeline import run_stage
 
         started = time.perf_counter()
-        result = evaluate(run, version, model_path=model)
+        result = run_stage(
+            run, version, "evaluate", lambda: evaluate(run, version, model_path=model)
+        )
         total_s = time.perf_counter() - started
-    except (ConfigError, StoreError, FileNotFoundError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
+    except user_errors() as e:
+        fail(e)
 
     table = RichTable(title=f"{run.run_id} · checkpoint {version} · {run.config.method_label}")
     for name in ("modality", "in-domain", "n", "accuracy %", "95 % CI"):
@@ -91,6 +100,7 @@ def _open(
     model: Path | None,
     config: Path | None,
     iteration: int | None,
+    discard_stale: bool = False,
 ) -> tuple[Run, int]:
     if model is None:
         if config is not None or iteration is not None:
@@ -114,5 +124,5 @@ def _open(
         overrides["models.student"] = str(model)
     cfg = load_config(config, overrides)
     store = Store(db, lock_timeout_s=cfg.store.lock_timeout_s)
-    store.register_run(cfg)
-    return Run(config=cfg, store=store), version
+    # Refuses settings (e.g. another --model) that contradict the run's stored rows.
+    return Run.create(cfg, store=store, discard_stale=discard_stale), version

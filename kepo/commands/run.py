@@ -10,6 +10,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from kepo.commands.common import fail, user_errors
 from kepo.config import ConfigError, RunConfig, describe_fields, load_config
 
 config_app = typer.Typer(help="Inspect run configurations.", no_args_is_help=True)
@@ -39,18 +40,36 @@ def run(
         list[str] | None,
         typer.Option("--set", help="Override a setting: key.path=value (repeatable)."),
     ] = None,
+    discard_stale: Annotated[
+        bool,
+        typer.Option(
+            "--discard-stale",
+            help="When changed settings contradict stored rows: drop those rows and recompute.",
+        ),
+    ] = False,
 ) -> None:
     """Run (or resume) a whole run as the Prefect flow `kepo-run`: curation, then iterations."""
-    console = Console(stderr=True)
     overrides = parse_overrides(set_)
     try:
-        load_config(config, overrides=overrides)
+        cfg = load_config(config, overrides=overrides)
     except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
-    from flows.iteration import kepo_run
+        fail(err, 2)
+    from kepo.pipeline import check_models
+    from kepo.run import Run
 
-    db = kepo_run(str(config), iterations=iterations, overrides=overrides)
+    try:
+        check_models(cfg)  # before any stage starts
+        Run.create(cfg, discard_stale=discard_stale)  # refuses settings that contradict rows
+    except user_errors() as err:
+        fail(err)
+    from flows.iteration import kepo_run
+    from flows.server import temporary_api
+
+    try:
+        with temporary_api():
+            db = kepo_run(str(config), iterations=iterations, overrides=overrides)
+    except user_errors() as err:
+        fail(err)
     Console().print(f"database: {db}")
 
 
@@ -63,9 +82,11 @@ def rollout(
     from kepo.pipeline import PlannedStage, execute
     from kepo.run import Run
 
-    run_handle = Run.open(db, run_id)
-    result = execute(run_handle, PlannedStage(iteration, "rollout"))
-    Console().print(result.summary() if hasattr(result, "summary") else result)
+    try:
+        result = execute(Run.open(db, run_id), PlannedStage(iteration, "rollout"))
+    except user_errors() as err:
+        fail(err)
+    Console().print(result.summary())
 
 
 @config_app.command("show")

@@ -40,11 +40,13 @@ def study(
         f"{len(spec.methods)} methods x {len(spec.seeds)} seeds, "
         f"{spec.iterations} iterations each, in-domain {spec.in_domain}"
     )
+    from flows.server import temporary_api
     from flows.study import kepo_study  # Prefect is imported only when a study runs
     from kepo.store import Store
     from kepo.study import all_zero_rates, exploration_rates, reference_table, summary_table
 
-    result = kepo_study(config=str(config), workdir=str(workdir) if workdir else None)
+    with temporary_api():
+        result = kepo_study(config=str(config), workdir=str(workdir) if workdir else None)
     store = Store(result["db"])
     console.rule("[bold]Accuracy % at the last checkpoint (mean, SD over seeds)")
     summary = summary_table(store, spec.name) + reference_table(store, spec.name)

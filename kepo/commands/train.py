@@ -15,6 +15,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from kepo.commands.common import fail, user_errors
+
 
 def train_command(
     db: Annotated[Path, typer.Option("--db", help="DuckDB file (<workdir>/kepo.duckdb).")],
@@ -24,20 +26,16 @@ def train_command(
     ],
 ) -> None:
     """Train one iteration on the iteration's stored rollouts and write the next checkpoint."""
+    from kepo.pipeline import PlannedStage, execute
     from kepo.run import Run
-    from kepo.store import StoreError
-    from kepo.train import TrainingDataError, train_iteration
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    err = Console(stderr=True)
-    if not db.is_file():
-        err.print(f"[red]{db}: no such database; pass the run's <workdir>/kepo.duckdb[/red]")
-        raise typer.Exit(2)
+    if not db.exists():
+        fail(f"{db}: no such database; pass the run's <workdir>/kepo.duckdb", 2)
     try:
-        result = train_iteration(Run.open(db, run_id), iteration)
-    except (StoreError, TrainingDataError, FileNotFoundError) as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
+        result = execute(Run.open(db, run_id), PlannedStage(iteration, "train"))
+    except user_errors() as exc:
+        fail(exc)
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
     Console().print(
         f"run {result.run_id} iteration {result.iteration}: {result.n_steps} steps "
