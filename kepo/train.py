@@ -73,6 +73,7 @@ from typing import Any, Literal
 
 import torch
 
+from kepo.chunked import OnlineTeacher, TopkTeacher, align_open_rows, chunked_head_terms
 from kepo.config import RunConfig
 from kepo.losses import token_logprobs
 from kepo.models import (
@@ -471,14 +472,17 @@ class _Context:
         return batch_to(self.sequences(rows, self.processor), self.accelerator.device, dtype)
 
     @torch.no_grad()
-    def teacher_logits(self, rows: Sequence[TrainRow]) -> torch.Tensor:
-        """Teacher completion logits (n, T', V) of `rows` (T' = their longest completion)."""
+    def teacher_logits(self, rows: Sequence[TrainRow], *, hidden: bool = False) -> torch.Tensor:
+        """Teacher completion logits (n, T', V) of `rows` (T' = their longest completion), or
+        with `hidden` its final hidden states (n, T', H_T) before the LM head."""
         assert self.teacher is not None
         dtype = next(self.teacher.parameters()).dtype
         batch = batch_to(
             self.sequences(rows, self.teacher_processor), self.accelerator.device, dtype
         )
         with self.accelerator.autocast():
+            if hidden:
+                return completion_hidden(self.teacher, batch)
             return completion_logits(self.teacher, batch)
 
 
@@ -509,12 +513,12 @@ def _topk_tensors(
     return ids.to(device), logprobs.to(device)
 
 
-def _rl_inputs(ctx: _Context, rows: Sequence[TrainRow], logits: torch.Tensor, batch: dict) -> dict:
+def _rl_inputs(ctx: _Context, rows: Sequence[TrainRow], logprobs: torch.Tensor) -> dict:
     algo = ctx.cfg.algorithm
-    width = logits.shape[1]
-    device = logits.device
+    width = logprobs.shape[1]
+    device = logprobs.device
     return {
-        "logprobs": token_logprobs(logits, batch["completion_ids"]),  # (B, T)
+        "logprobs": logprobs,  # (B, T)
         "old_logprobs": _padded([r.old_logprobs for r in rows], width, device),
         "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=device),
         "ref_logprobs": _padded([r.ref_logprobs for r in rows], width, device)
@@ -529,48 +533,112 @@ def _rl_inputs(ctx: _Context, rows: Sequence[TrainRow], logits: torch.Tensor, ba
     }
 
 
+def completion_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden states (B, Tc, H) at the positions `completion_logits` would turn into
+    logits: the same forward (through any DDP wrapper) with the LM head swapped for identity."""
+    inner = model.module if hasattr(model, "module") else model
+    head = inner.lm_head
+    inner.lm_head = torch.nn.Identity()
+    try:
+        return completion_logits(model, batch)
+    finally:
+        inner.lm_head = head
+
+
+def _lm_head_weight(model: Any) -> torch.Tensor:
+    inner = model.module if hasattr(model, "module") else model
+    if getattr(inner.lm_head, "bias", None) is not None:
+        raise ValueError(
+            "the chunked log-prob path expects an LM head without bias; set "
+            "train.logits_chunk_size: null"
+        )
+    return inner.lm_head.weight  # (V, H)
+
+
+def _student_terms(
+    ctx: _Context, rows: Sequence[TrainRow], batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The one place where the student's (and teacher's) head becomes per-token terms:
+    log-probs of the completion (B, T) and, for kepo, the gated divergence (B, T) (None when
+    no row is distilled). With `train.logits_chunk_size` the (B, T, V) logits are never
+    materialised (`kepo.chunked`); without it the plain path computes them at once."""
+    cfg = ctx.cfg
+    distill = cfg.algorithm.distill
+    ids = batch["completion_ids"]
+    mask = completion_mask_of(batch).bool()
+    gate_open = torch.tensor([r.gate_open for r in rows], dtype=torch.bool, device=ids.device)
+    distilled = cfg.algorithm.name == "kepo" and bool(gate_open.any())
+    open_rows = [r for r in rows if r.gate_open]
+    chunk_size = cfg.train.logits_chunk_size
+    if chunk_size is None:
+        logits = completion_logits(ctx.model, batch)  # (B, T, V)
+        logprobs = token_logprobs(logits, ids)  # (B, T)
+        if not distilled:
+            return logprobs, None
+        if distill.mode == "online":
+            divergence = online_divergence(
+                logits,
+                ctx.teacher_logits(open_rows),  # the teacher runs on the open rows only
+                gate_open,
+                kind=distill.divergence,
+                beta=distill.jsd_beta,
+                temperature=distill.temperature,
+            )
+        else:
+            topk_ids, topk_logprobs = _topk_tensors(rows, logits.shape[1], logits.device)
+            divergence = offline_divergence(
+                logits, topk_ids, topk_logprobs, kind=distill.divergence, beta=distill.jsd_beta
+            )
+        return logprobs, divergence
+
+    hidden = completion_hidden(ctx.model, batch)  # (B, T, H)
+    teacher: OnlineTeacher | TopkTeacher | None = None
+    if distilled and distill.mode == "online":
+        teacher_hidden = ctx.teacher_logits(open_rows, hidden=True)  # (n_open, T', H_T)
+        teacher = OnlineTeacher(
+            align_open_rows(teacher_hidden, gate_open, ids.shape[1]),
+            _lm_head_weight(ctx.teacher),
+            temperature=distill.temperature,
+        )
+    elif distilled:
+        teacher = TopkTeacher(*_topk_tensors(rows, ids.shape[1], ids.device))
+    with ctx.accelerator.autocast():  # the LM head runs in the precision the forward uses
+        terms = chunked_head_terms(
+            hidden,
+            _lm_head_weight(ctx.model),
+            ids,
+            chunk_size=chunk_size,
+            mask=mask,
+            teacher=teacher,
+            distill_rows=gate_open,
+            kind=distill.divergence,
+            beta=distill.jsd_beta,
+        )
+    return terms.logprobs, terms.divergence
+
+
 def _loss_policy(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
     """grpo / rloo."""
     batch = ctx.student_batch(rows)
-    logits = completion_logits(ctx.model, batch)  # (B, T, V)
+    logprobs, _ = _student_terms(ctx, rows, batch)
     mask = completion_mask_of(batch).bool()
-    return grpo_objective(mask=mask, **_rl_inputs(ctx, rows, logits, batch))
+    return grpo_objective(mask=mask, **_rl_inputs(ctx, rows, logprobs))
 
 
 def _loss_kepo(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
     distill = ctx.cfg.algorithm.distill
     batch = ctx.student_batch(rows)
-    logits = completion_logits(ctx.model, batch)  # (B, T, V)
+    logprobs, divergence = _student_terms(ctx, rows, batch)
     mask = completion_mask_of(batch).bool()
-    gate_open = torch.tensor([r.gate_open for r in rows], dtype=torch.bool, device=logits.device)
-    if distill.mode == "online":
-        open_rows = [r for r in rows if r.gate_open]  # the teacher runs on these only
-        teacher = (
-            ctx.teacher_logits(open_rows)
-            if open_rows
-            else logits.new_zeros((0, 0, logits.shape[-1]))
-        )
-        divergence = online_divergence(
-            logits,
-            teacher,
-            gate_open,
-            kind=distill.divergence,
-            beta=distill.jsd_beta,
-            temperature=distill.temperature,
-        )
-    elif any(r.gate_open for r in rows):
-        ids, logprobs = _topk_tensors(rows, logits.shape[1], logits.device)
-        divergence = offline_divergence(
-            logits, ids, logprobs, kind=distill.divergence, beta=distill.jsd_beta
-        )
-    else:
-        divergence = logits.new_zeros(logits.shape[:2])
+    gate_open = torch.tensor([r.gate_open for r in rows], dtype=torch.bool, device=mask.device)
+    if divergence is None:
+        divergence = logprobs.new_zeros(logprobs.shape)  # no open gate in this micro-batch
     return kepo_objective(
         mask=mask,
         divergence=divergence,
         gate_open=gate_open,
         distill_coef=distill.coef,
-        **_rl_inputs(ctx, rows, logits, batch),
+        **_rl_inputs(ctx, rows, logprobs),
     )
 
 
