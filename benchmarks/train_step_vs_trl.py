@@ -248,6 +248,7 @@ class OurStep:
         self.loss_fn = MICRO_BATCH_LOSS[algorithm]
         self.n_open = sum(r.gate_open for r in rows)
         self.last_row: dict[str, Any] = {}
+        self.first_row: dict[str, Any] = {}
         self.prep_s = 0.0  # time in _Context.sequences (template, tokenizer, image processor)
         build = self.ctx.sequences
 
@@ -279,6 +280,7 @@ class OurStep:
         elapsed = time.perf_counter() - start
         if self.last_row["skipped"]:
             raise RuntimeError(f"our step was skipped: {self.last_row['skip_reason']}")
+        self.first_row = self.first_row or self.last_row
         return elapsed
 
 
@@ -299,6 +301,17 @@ def make_trl_trainer(student: Path, args: argparse.Namespace, callbacks: list) -
 
         shapes: dict[str, Any] = {}  # noqa: RUF012 - filled per step, read by the benchmark
         prep_s: list[float] = []  # noqa: RUF012 - seconds in _generate_and_score_completions
+        first_step: dict[str, float] = {}  # noqa: RUF012 - loss and pre-clip grad norm, step 1
+
+        def compute_loss(self, *args, **kwargs):
+            loss = super().compute_loss(*args, **kwargs)
+            type(self).first_step.setdefault("loss", float(loss.detach()))
+            return loss
+
+        def _clip_grad_norm(self, model):
+            norm = super()._clip_grad_norm(model)
+            type(self).first_step.setdefault("grad_norm", float(norm))
+            return norm
 
         def _generate_single_turn(
             self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
@@ -431,12 +444,37 @@ def time_all(student: Path, teacher: Path, args: argparse.Namespace) -> dict[str
     rows = args.prompts * args.group
     if shapes["completion_tokens"] != rows * args.tokens or not shapes["has_pixel_values"]:
         raise RuntimeError(f"TRL did not train on the intended batch: {shapes}")
+    first = ours["kepo_grpo"].first_row
     return {
         "times": timed,
+        "same_work": same_work(
+            {"loss": first["loss_total"], "grad_norm": first["grad_norm"]}, trainer_cls.first_step
+        ),
         "prep_s": {name: values[1:] for name, values in prep.items()},
         "trl_sequence_width": shapes["prompt"][1] + shapes["completion"][1],
         "our_sequence_width": ours["kepo_grpo"].sequence_width,
         "gated_open_rows": ours["kepo_kepo"].n_open,
+    }
+
+
+# Float tolerance of the first-step comparison: fp32 on both sides, the same batch and weights,
+# but different operation orders (TRL's log-softmax over materialised logits, ours in chunks).
+LOSS_ABS_TOL = 1e-5
+GRAD_NORM_REL_TOL = 1e-4
+
+
+def same_work(ours: dict[str, float], trl: dict[str, float]) -> dict[str, Any]:
+    """Both sides' first-step loss and pre-clip gradient norm (same initial weights, same
+    batch), and whether they agree within LOSS_ABS_TOL / GRAD_NORM_REL_TOL."""
+    if set(trl) != {"loss", "grad_norm"}:
+        raise RuntimeError(f"TRL's first step did not report its loss and gradient norm: {trl}")
+    loss_ok = abs(ours["loss"] - trl["loss"]) <= LOSS_ABS_TOL
+    norm_ok = abs(ours["grad_norm"] - trl["grad_norm"]) <= GRAD_NORM_REL_TOL * abs(trl["grad_norm"])
+    return {
+        "loss": {"kepo_grpo": ours["loss"], "trl_grpo": trl["loss"]},
+        "grad_norm": {"kepo_grpo": ours["grad_norm"], "trl_grpo": trl["grad_norm"]},
+        "tolerance": {"loss_abs": f"{LOSS_ABS_TOL:g}", "grad_norm_rel": f"{GRAD_NORM_REL_TOL:g}"},
+        "equal": loss_ok and norm_ok,
     }
 
 
@@ -567,6 +605,14 @@ def main() -> None:
     )
     print(f"cpu, {threads_note}; trl {trl.__version__}, torch {torch.__version__}")
     print(f"{args.repeats} alternating repeats after 1 warm-up step each; medians")
+    work = result["same_work"]
+    print(
+        "same work, first step (same weights, same batch): loss kepo_grpo "
+        f"{work['loss']['kepo_grpo']:.8f} / trl_grpo {work['loss']['trl_grpo']:.8f}; pre-clip "
+        f"grad norm {work['grad_norm']['kepo_grpo']:.6f} / {work['grad_norm']['trl_grpo']:.6f} "
+        f"-> {'EQUAL' if work['equal'] else 'DIFFERENT'} within |d loss| <= {LOSS_ABS_TOL:g}, "
+        f"rel. d grad norm <= {GRAD_NORM_REL_TOL:g}"
+    )
     table = []
     for side in SIDES:
         mem = memory.get(side, {})
@@ -621,6 +667,7 @@ def main() -> None:
             "models": models_note,
             "gated_open_rows": result["gated_open_rows"],
             "median_s": med,
+            "same_work": result["same_work"],
             "median_prep_s": prep_med,
             "all_s": result["times"],
             "peak_rss_growth_mb": {k: v["peak_growth_mb"] for k, v in memory.items()},

@@ -74,6 +74,13 @@ def test_train_step_vs_trl_smoke() -> None:
         out["median_s"]["kepo_grpo"] / out["median_s"]["trl_grpo"], rel=1e-2
     )
     assert "set_num_threads(1)" in text
+    # Same work: the first step's loss and pre-clip gradient norm agree (same weights, batch).
+    work = out["same_work"]
+    assert work["equal"] is True, work
+    assert work["tolerance"] == {"loss_abs": "1e-05", "grad_norm_rel": "0.0001"}
+    assert work["grad_norm"]["kepo_grpo"] > 0
+    assert work["grad_norm"]["kepo_grpo"] == pytest.approx(work["grad_norm"]["trl_grpo"], rel=1e-3)
+    assert "EQUAL within" in text
 
 
 @needs_trl
