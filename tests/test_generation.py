@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from kepo.generation import GenerationRequest, SamplingParams, make_backend, sample_seed
-from kepo.generation.hf import HFBackend, SeededSampler, truncate
+from kepo.generation.hf import HFBackend, SeededSampler, inverse_cdf_sample, truncate
 from kepo.models import build_prompt_inputs, model_inputs, vision_token_ids
 from kepo.prompts import PromptItem, build_messages
 from kepo.tiny import build_tiny
@@ -157,7 +157,11 @@ def test_first_token_is_the_documented_gumbel_max_sample(backend):
     shows that the folder's sampling defaults (top-k 20, temperature 0.7) play no part."""
     request = _requests()[1]
     sampling = SamplingParams(n=3, temperature=0.8, top_p=0.9, max_new_tokens=1)
-    result = backend.generate([request], sampling)[0][2]
+    backend.noise = "gumbel_per_row"  # the earlier sampler, still selectable
+    try:
+        result = backend.generate([request], sampling)[0][2]
+    finally:
+        backend.noise = "inverse_cdf"
     inputs = build_prompt_inputs(backend.processor, [request.messages], [request.image])
     with torch.no_grad():
         raw = backend.model(**model_inputs(inputs, backend.model)).logits[0, -1].double()
@@ -175,6 +179,38 @@ def test_first_token_is_the_documented_gumbel_max_sample(backend):
     assert result.token_ids == [expected]
     assert backend.model.generation_config.top_k == 20  # the folder's defaults are restored
     assert math.isclose(result.logprobs[0], float(raw_logprobs[expected]), abs_tol=1e-5)
+
+
+def test_first_token_is_the_documented_inverse_cdf_sample(backend):
+    """The default sampler by hand: the truncated distribution in float64, vocabulary order,
+    and the first of the sample's own generator's uniforms (all drawn when the chunk starts)."""
+    request = _requests()[2]
+    sampling = SamplingParams(n=3, temperature=0.8, top_p=0.9, max_new_tokens=5)
+    results = backend.generate([request], sampling)[0]
+    inputs = build_prompt_inputs(backend.processor, [request.messages], [request.image])
+    with torch.no_grad():
+        raw = backend.model(**model_inputs(inputs, backend.model)).logits[0, -1].double()
+    raw[vision_token_ids(backend.processor)] = -math.inf
+    scaled = raw / 0.8
+    order = torch.argsort(scaled, descending=True)
+    probs = torch.softmax(scaled[order], dim=0)
+    kept = order[(probs.cumsum(0) - probs) < 0.9]
+    truncated = torch.full_like(scaled, -math.inf)
+    truncated[kept] = scaled[kept]
+    for sample, result in enumerate(results):
+        generator = torch.Generator().manual_seed(sample_seed(request.seed, sample))
+        u = float(torch.rand(5, generator=generator, dtype=torch.float64)[0])
+        cdf = torch.softmax(truncated, 0).cumsum(0)
+        expected = int((cdf <= u * float(cdf[-1])).sum())  # first id with cdf > u · total
+        assert result.token_ids[0] == expected
+        assert int(kept.eq(expected).sum()) == 1  # inside the nucleus
+
+
+def test_inverse_cdf_sample_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.0, 0.3, 0.2]] * 4))  # id 1 has probability 0
+    u = torch.tensor([0.0, 0.49, 0.51, 0.99])
+    assert inverse_cdf_sample(logits, u).tolist() == [0, 0, 2, 3]
+    assert inverse_cdf_sample(logits, torch.tensor([0.51, 0.6, 0.79, 0.81])).tolist() == [2, 2, 2, 3]
 
 
 def test_greedy_ignores_seeds(backend):
