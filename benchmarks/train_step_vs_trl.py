@@ -26,6 +26,13 @@ What each side times (wall clock, one optimizer step):
   `model.generate`. loss_type "dapo" (TRL's default: token mean), beta 0, num_iterations 1
   (so TRL computes no old log-prob forward, as ours reads them from the store).
 
+Same work: both GRPO sides start from the same weights on the same batch, so their first
+steps must compute the same loss and the same pre-clip gradient norm; the script prints both
+(TRL's from its `compute_loss` and `_clip_grad_norm`) and whether they agree within
+|d loss| <= 1e-5 and a relative gradient-norm difference <= 1e-4 (fp32, different operation
+orders). The first step's loss is 0 up to rounding on both sides (ratio 1, zero-mean group
+advantages, equal lengths), so the gradient norm is the check with teeth.
+
 The three sides alternate step by step in one process (TRL's callback runs our two steps after
 each TRL step), one untimed warm-up step each, then `--repeats` timed ones; medians reported.
 Peak memory: each side again in a fresh subprocess (`--memory-side`), two steps; the second
