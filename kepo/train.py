@@ -34,6 +34,13 @@ up to exactly the full-batch loss: one process with accumulation equals several 
 `Accelerator.backward` divides by its gradient_accumulation_steps and DDP averages over
 processes; the loss is pre-multiplied by both to undo that.
 
+The student's head. For grpo/rloo/kepo the forward stops at the final hidden states, and
+`kepo.chunked` turns them into per-token log-probs and the gated divergence
+`train.logits_chunk_size` positions at a time (the teacher likewise hands over hidden states),
+so the (B, T, V) logits never exist at once; `train.logits_chunk_size: null` computes them
+whole. The G rows of a prompt share its image: the vision tower encodes each distinct image
+of a micro-batch once (`vision_once_per_image`).
+
 AdamW (lr, betas, weight decay); learning rate from `learning_rate_at` over the run's nominal
 optimizer steps (cfg.iterations × `nominal_steps_per_iteration`), global step = k × nominal +
 step. Gradient clipping at max_grad_norm (the pre-clip norm is recorded). A step whose loss or
