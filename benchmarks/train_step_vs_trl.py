@@ -101,7 +101,8 @@ class Batch:
 
 
 def make_batch(processor: Any, args: argparse.Namespace) -> Batch:
-    """P prompts with a random image each, G completions of exactly T non-special tokens.
+    """P prompts of one length with a random image each, G completions of exactly T
+    non-special tokens.
 
     Rewards: format 1 for every row, accuracy 1 for the first round(gate_open x G) rows of each
     group (the demo gate is accuracy >= 1, so those rows are the gated-open ones).
@@ -115,7 +116,10 @@ def make_batch(processor: Any, args: argparse.Namespace) -> Batch:
     allowed = np.array([i for i in range(len(tokenizer)) if i not in banned])
     items, images = [], []
     for p in range(args.prompts):
-        options = tuple(FINDINGS[(p + j) % len(FINDINGS)] for j in range(4))
+        # Every prompt the same length (only the case number differs): with left padding of
+        # different widths TRL's log-probs of a row change (measured: a 4.5e-4 relative
+        # gradient-norm gap), ours do not, and the two sides would not do the same work.
+        options = tuple(FINDINGS[:4])
         items.append(
             PromptItem(f"q{p}", f"Which finding is shown in this MRI scan? ({p})", options, "A")
         )
@@ -369,6 +373,9 @@ def make_trl_trainer(student: Path, args: argparse.Namespace, callbacks: list) -
         loss_type="dapo",
         scale_rewards="group",
         num_iterations=1,
+        # Prompt order as ours (prompt-major): the fixed completions and rewards are given by
+        # row position, so a shuffled prompt order would pair them with other prompts.
+        shuffle_dataset=False,
         max_steps=1 + args.repeats,
         logging_steps=10_000,
         save_strategy="no",

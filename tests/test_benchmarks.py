@@ -62,12 +62,12 @@ def test_common_helpers_alternate_and_parse() -> None:
 def test_train_step_vs_trl_smoke() -> None:
     out, text = run_script(
         "train_step_vs_trl",
-        "--prompts", "1", "--group", "2", "--tokens", "6", "--image-side", "64",
+        "--prompts", "4", "--group", "2", "--tokens", "6", "--image-side", "64",
         "--gate-open", "0.5", "--repeats", "1",
     )  # fmt: skip
     assert set(out["median_s"]) == {"kepo_grpo", "kepo_kepo", "trl_grpo"}
     assert all(v > 0 for v in out["median_s"].values())
-    assert out["gated_open_rows"] == 1
+    assert out["gated_open_rows"] == 4
     assert set(out["peak_rss_growth_mb"]) == {"kepo_grpo", "kepo_kepo", "trl_grpo"}
     ratio = out["ratio_ours_over_trl"]
     assert ratio["grpo_time"] == pytest.approx(
