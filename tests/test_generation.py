@@ -200,17 +200,21 @@ def test_first_token_is_the_documented_inverse_cdf_sample(backend):
     for sample, result in enumerate(results):
         generator = torch.Generator().manual_seed(sample_seed(request.seed, sample))
         u = float(torch.rand(5, generator=generator, dtype=torch.float64)[0])
-        cdf = torch.softmax(truncated, 0).cumsum(0)
-        expected = int((cdf <= u * float(cdf[-1])).sum())  # first id with cdf > u · total
+        # the nucleus in descending order of probability, its running mass
+        cdf = torch.softmax(truncated[kept], 0).cumsum(0)
+        expected = int(kept[int((cdf <= u * float(cdf[-1])).sum())])  # first with cdf > u·total
         assert result.token_ids[0] == expected
-        assert int(kept.eq(expected).sum()) == 1  # inside the nucleus
 
 
 def test_inverse_cdf_sample_by_hand():
-    logits = torch.log(torch.tensor([[0.5, 0.0, 0.3, 0.2]] * 4))  # id 1 has probability 0
-    u = torch.tensor([0.0, 0.49, 0.51, 0.99])
-    assert inverse_cdf_sample(logits, u).tolist() == [0, 0, 2, 3]
-    assert inverse_cdf_sample(logits, torch.tensor([0.51, 0.6, 0.79, 0.81])).tolist() == [2, 2, 2, 3]
+    # ids sorted by probability: 0 (0.5), 3 (0.3), 2 (0.2); id 1 has probability 0
+    logits = torch.log(torch.tensor([[0.5, 0.0, 0.2, 0.3]] * 4))
+    draw = lambda u, **kw: inverse_cdf_sample(logits, torch.tensor(u), SamplingParams(**kw))  # noqa: E731
+    assert draw([0.0, 0.49, 0.51, 0.99]).tolist() == [0, 0, 3, 2]
+    assert draw([0.51, 0.6, 0.79, 0.81]).tolist() == [3, 3, 3, 2]
+    # top-p 0.8 keeps {0, 3} (mass 0.8): u splits it 0.5 / 0.3 of 0.8
+    assert draw([0.0, 0.62, 0.63, 0.99], top_p=0.8).tolist() == [0, 0, 3, 3]
+    assert draw([0.0, 0.99, 0.5, 0.7], top_k=1).tolist() == [0, 0, 0, 0]
 
 
 def test_greedy_ignores_seeds(backend):

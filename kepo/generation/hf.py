@@ -8,9 +8,10 @@ Sampling: `generate` runs greedy (`do_sample=False`) and `SeededSampler`, a logi
 makes the choice. For each row it suppresses the vision control tokens (an untrained model
 samples `<|image_pad|>`, which breaks the next forward pass) and any id past the tokenizer's
 vocabulary, blocks the stop tokens before `min_new_tokens`, applies temperature, top-k and
-top-p, and draws the token by inverse-CDF sampling: the row's uniform u ∈ [0, 1) of this step
-picks the first token whose cumulative probability (float64, vocabulary order) exceeds u times
-the kept mass — an exact sample of the truncated distribution. Each row's uniforms come from
+top-p, and draws the token by inverse-CDF sampling: in the row's ids sorted by probability
+(one sort serves top-k, top-p and the draw), the row's uniform u ∈ [0, 1) of this step picks
+the first id whose cumulative probability (float64) exceeds u times the kept mass — an exact
+sample of the truncated distribution. Each row's uniforms come from
 its own `torch.Generator` (seeded with `sample_seed(request.seed, sample_idx)`), all
 `max_new_tokens` of them drawn once when the chunk starts; every step is then one vectorised
 draw over the batch with no Python loop per row, and since a row consumes only its own
@@ -117,12 +118,13 @@ class SeededSampler:
         if self.sampling.greedy:
             choice = processed.argmax(dim=-1)  # (B,)
         else:
-            truncated = truncate(processed / self.sampling.temperature, self.sampling)
+            scaled = processed / self.sampling.temperature
             if self.noise == "gumbel_per_row":
                 # arg-max(log_softmax(x) + g) = arg-max(x + g): the normaliser is constant per row
+                truncated = truncate(scaled, self.sampling)
                 choice = (truncated + self._gumbel(raw)).argmax(dim=-1)  # (B,)
             else:
-                choice = inverse_cdf_sample(truncated, self._uniform(step, raw))  # (B,)
+                choice = inverse_cdf_sample(scaled, self._uniform(step, raw), self.sampling)
         self.chosen_ids.append(choice)
         chosen_raw = raw.gather(1, choice.unsqueeze(1)).squeeze(1)  # (B,)
         self.chosen_logprobs.append(chosen_raw - torch.logsumexp(raw, dim=-1))
@@ -157,18 +159,30 @@ class SeededSampler:
         return -torch.stack(rows).log()  # -log(Exp(1)) ~ Gumbel(0, 1)
 
 
-def inverse_cdf_sample(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row of (B, V) logits (-inf = excluded) from uniforms (B,) in [0, 1).
+def inverse_cdf_sample(
+    logits: torch.Tensor, uniforms: torch.Tensor, sampling: SamplingParams
+) -> torch.Tensor:
+    """One token per row of (B, V) logits (-inf = excluded), top-k and top-p applied, drawn by
+    inverse CDF from uniforms (B,) in [0, 1); one sort serves truncation and the draw.
 
-    Row b takes the first id whose cumulative probability, in vocabulary order and float64,
-    exceeds u_b times the row's total: token v is chosen exactly when u_b lies in its own
-    interval [cdf_{v-1}, cdf_v), of width p_v, so ids with probability 0 are never chosen.
+    In each row the ids are sorted by logit (descending, stable); the top-k first are kept,
+    then the shortest prefix whose probability reaches top_p (at least one id), as `truncate`
+    keeps them. With p the sorted probabilities (float64) and cdf their running sum, the row
+    takes the first sorted id whose cdf exceeds u times the kept mass: id i is chosen exactly
+    when u lies in its own interval, of width p_i / kept mass, so ids outside the kept prefix
+    or with probability 0 are never chosen.
     """
-    probs = torch.softmax(logits.double(), dim=-1)  # (B, V)
+    vocab = logits.shape[-1]
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # (B, V)
+    if 0 < sampling.top_k < vocab:
+        sorted_logits[:, sampling.top_k :] = float("-inf")
+    probs = torch.softmax(sorted_logits.double(), dim=-1)  # (B, V)
     cdf = probs.cumsum(dim=-1)  # (B, V)
-    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]  # (B, 1)
-    choice = torch.searchsorted(cdf, target, right=True).squeeze(1)  # (B,)
-    return choice.clamp(max=logits.shape[-1] - 1)
+    kept = (cdf - probs < sampling.top_p) & (probs > 0)  # a prefix of each row
+    last_kept = (kept.sum(-1, keepdim=True) - 1).clamp(min=0)  # (B, 1)
+    target = uniforms.to(cdf.dtype)[:, None] * cdf.gather(1, last_kept)  # (B, 1)
+    position = torch.searchsorted(cdf, target, right=True).clamp(max=vocab - 1)  # (B, 1)
+    return order.gather(1, torch.minimum(position, last_kept)).squeeze(1)  # (B,)
 
 
 def truncate(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
