@@ -8,7 +8,8 @@ loss (TRL always clips), no KL term, and activation checkpointing off on both si
 default; TRL's GRPOConfig turns it on by default, which trades time for memory:
 `--gradient-checkpointing` turns it on for both).
 
-What each side times (wall clock, one optimizer step):
+What each side times (wall clock, and this process's CPU seconds, which a machine shared with
+other processes disturbs less; one optimizer step):
 
 - `kepo_grpo`, `kepo_kepo`: `kepo.train._optimizer_step` on an in-memory `TrainingData` - the
   function `train_iteration` calls per step, minus the store read and checkpoint write around
@@ -275,7 +276,7 @@ class OurStep:
         from kepo.train import _optimizer_step
 
         self.prep_s = 0.0
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         self.last_row = _optimizer_step(
             self.ctx,
             self.plan,
@@ -289,6 +290,7 @@ class OurStep:
             iteration=0,
         )
         elapsed = time.perf_counter() - start
+        self.cpu_s = time.process_time() - start_cpu
         if self.last_row["skipped"]:
             raise RuntimeError(f"our step was skipped: {self.last_row['skip_reason']}")
         self.first_row = self.first_row or self.last_row
@@ -436,16 +438,19 @@ def time_all(student: Path, teacher: Path, args: argparse.Namespace) -> dict[str
         "kepo_kepo": OurStep("kepo", student, teacher, args),
     }
     times: dict[str, list[float]] = {name: [] for name in SIDES}
+    cpu: dict[str, list[float]] = {name: [] for name in SIDES}
     prep: dict[str, list[float]] = {name: [] for name in SIDES}
     clock: dict[str, float] = {}
 
     def begin() -> None:
-        clock["t0"] = time.perf_counter()
+        clock["t0"], clock["cpu0"] = time.perf_counter(), time.process_time()
 
     def end() -> None:
         times["trl_grpo"].append(time.perf_counter() - clock["t0"])
+        cpu["trl_grpo"].append(time.process_time() - clock["cpu0"])
         for name, step in ours.items():  # alternation: TRL, ours GRPO, ours KEPO, TRL, ...
             times[name].append(step())
+            cpu[name].append(step.cpu_s)
             prep[name].append(step.prep_s)
 
     trainer, trainer_cls = make_trl_trainer(student, args, [_step_callback(begin, end)])
@@ -461,6 +466,7 @@ def time_all(student: Path, teacher: Path, args: argparse.Namespace) -> dict[str
     first = ours["kepo_grpo"].first_row
     return {
         "times": timed,
+        "cpu_s": {name: values[1:] for name, values in cpu.items()},
         "same_work": same_work(
             {"loss": first["loss_total"], "grad_norm": first["grad_norm"]}, trainer_cls.first_step
         ),
@@ -606,6 +612,7 @@ def main() -> None:
                 )
 
     med = medians(result["times"])
+    cpu_med = medians(result["cpu_s"])
     prep_med = medians(result["prep_s"])
     rows = args.prompts * args.group
     print(
@@ -637,6 +644,8 @@ def main() -> None:
                 rows * args.tokens / med[side],
                 prep_med[side],
                 med[side] / med["trl_grpo"],
+                cpu_med[side],
+                cpu_med[side] / cpu_med["trl_grpo"],
                 mem.get("peak_growth_mb", math.nan),
             ]
         )
@@ -647,6 +656,8 @@ def main() -> None:
             "compl. tok/s",
             "of it: batch prep s",
             "x TRL time",
+            "CPU s/step",
+            "x TRL CPU",
             "peak RSS growth MiB",
         ],
         table,
@@ -659,6 +670,8 @@ def main() -> None:
     ratio = {
         "grpo_time": med["kepo_grpo"] / med["trl_grpo"],
         "kepo_time": med["kepo_kepo"] / med["trl_grpo"],
+        "grpo_cpu": cpu_med["kepo_grpo"] / cpu_med["trl_grpo"],
+        "kepo_cpu": cpu_med["kepo_kepo"] / cpu_med["trl_grpo"],
     }
     if memory:
         ratio["grpo_memory"] = (
@@ -681,6 +694,7 @@ def main() -> None:
             "models": models_note,
             "gated_open_rows": result["gated_open_rows"],
             "median_s": med,
+            "median_cpu_s": cpu_med,
             "same_work": result["same_work"],
             "median_prep_s": prep_med,
             "all_s": result["times"],
