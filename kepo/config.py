@@ -327,7 +327,7 @@ class TrainConfig(_Section):
         "Completion positions per chunk when log-probs and the distillation divergence are "
         "computed from hidden states and the LM head (grpo, rloo, kepo): the (B, T, V) logits are "
         "never materialised. None = compute all logits at once.",
-        256,
+        128,
         ge=1,
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("Accelerate mixed precision.", "no")
