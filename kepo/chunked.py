@@ -9,6 +9,8 @@ takes the per-token terms with the same pure functions of `kepo.losses`, and dro
 Under autograd every chunk runs inside `torch.utils.checkpoint` (non-reentrant): its logits
 are recomputed chunk by chunk in the backward pass, so at most one chunk of (c, V) logits and
 their intermediates is alive at any time. The price is one more LM-head matmul per position.
+The divergence, whose intermediates are a dozen (c, V) tensors, runs in its own loop over
+the distilled positions only, in chunks of a quarter of `chunk_size`.
 
     logits_c    = h_c · Wᵀ                                      (c, V)     one chunk of positions
     logprob_c   = z_c[y] − logsumexp(z_c)                       (c,)
@@ -127,96 +129,110 @@ def chunked_head_terms(
     hidden_flat = hidden.reshape(batch * width, -1)[positions]  # (N, H)
     ids_flat = ids.reshape(-1)[positions].long()  # (N,)
 
-    distill_flat = None
-    teacher_flat: tuple[Tensor, ...] = ()
+    n = positions.numel()
+    logprob_parts = _in_chunks(
+        _chunk_logprobs,
+        (hidden_flat, ids_flat),
+        chunk_size=chunk_size,
+        recompute=hidden.requires_grad,
+        weight=weight,
+        entropy=entropy,
+    )
+
+    def scatter(flat: Tensor, index: Tensor, size: int) -> Tensor:
+        return flat.new_zeros(size).index_copy(0, index, flat)
+
+    def to_rows(flat: Tensor) -> Tensor:
+        return scatter(flat, positions, batch * width).reshape(batch, width)
+
+    divergence = None
     if teacher is not None:
         rows = torch.ones(batch, dtype=torch.bool, device=ids.device)
         rows = rows if distill_rows is None else distill_rows.bool()
-        distill_flat = rows[:, None].expand(batch, width).reshape(-1)[positions]  # (N,)
+        distilled = rows[:, None].expand(batch, width).reshape(-1)[positions].nonzero()  # (n, 1)
+        chosen = positions[distilled.squeeze(-1)]  # (N_d,) flat indices of distilled positions
         if isinstance(teacher, OnlineTeacher):
-            t_hidden = teacher.hidden.reshape(batch * width, -1)[positions]  # (N, H_T)
-            teacher_flat = (t_hidden,)
+            teacher_flat: tuple[Tensor, ...] = (
+                teacher.hidden.reshape(batch * width, -1)[chosen],  # (N_d, H_T)
+            )
         else:
             k = teacher.ids.shape[-1]
             teacher_flat = (
-                teacher.ids.reshape(batch * width, k)[positions],  # (N, k)
-                teacher.logprobs.reshape(batch * width, k)[positions],  # (N, k)
+                teacher.ids.reshape(batch * width, k)[chosen],  # (N_d, k)
+                teacher.logprobs.reshape(batch * width, k)[chosen],  # (N_d, k)
             )
-
-    n = positions.numel()
-    chunks = [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
-    recompute = torch.is_grad_enabled() and len(chunks) > 1 and hidden.requires_grad
-    outputs: list[tuple[Tensor, Tensor | None, Tensor | None]] = []
-    for start, end in chunks:
-        args = (
-            hidden_flat[start:end],
-            weight,
-            ids_flat[start:end],
-            None if distill_flat is None else distill_flat[start:end],
-            *(t[start:end] for t in teacher_flat),
+        # The divergence's intermediates are many (c, V) tensors: a quarter of the chunk.
+        div_parts = _in_chunks(
+            _chunk_divergence,
+            (hidden.reshape(batch * width, -1)[chosen], *teacher_flat),
+            chunk_size=max(1, chunk_size // 4),
+            recompute=hidden.requires_grad,
+            weight=weight,
+            teacher=teacher,
+            kind=kind,
+            beta=beta,
         )
-        kwargs = {"teacher": teacher, "kind": kind, "beta": beta, "entropy": entropy}
-        if recompute:
-            outputs.append(checkpoint(_chunk_terms, *args, use_reentrant=False, **kwargs))
-        else:
-            outputs.append(_chunk_terms(*args, **kwargs))
+        flat = torch.cat(div_parts) if div_parts else hidden.new_zeros(0, dtype=torch.float32)
+        divergence = scatter(flat, chosen, batch * width).reshape(batch, width)
 
-    def scatter(values: list[Tensor]) -> Tensor:
-        flat = torch.cat(values) if values else hidden.new_zeros(0, dtype=torch.float32)
-        out = flat.new_zeros(batch * width).index_copy(0, positions, flat)
-        return out.reshape(batch, width)
-
+    logprobs = torch.cat([lp for lp, _ in logprob_parts]) if n else hidden.new_zeros(0)
     return HeadTerms(
-        logprobs=scatter([o[0] for o in outputs]),
-        divergence=None if teacher is None else scatter([o[1] for o in outputs]),
-        entropy=scatter([o[2] for o in outputs]).detach() if entropy else None,
+        logprobs=to_rows(logprobs),
+        divergence=divergence,
+        entropy=to_rows(torch.cat([e for _, e in logprob_parts])).detach() if entropy else None,
     )
 
 
-def _chunk_terms(
-    hidden: Tensor,
-    weight: Tensor,
-    ids: Tensor,
-    distill: Tensor | None,
-    *teacher_inputs: Tensor,
-    teacher: OnlineTeacher | TopkTeacher | None,
-    kind: DivergenceKind,
-    beta: float,
-    entropy: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """One chunk of c positions: (logprob (c,), divergence (c,) or None, entropy (c,) or None)."""
+def _in_chunks(fn, tensors: tuple[Tensor, ...], *, chunk_size: int, recompute: bool, **kwargs):
+    """fn(*(t[start:end] for t in tensors), **kwargs) per chunk of rows; under autograd each
+    call is checkpointed (recomputed in the backward pass) when there is more than one."""
+    n = tensors[0].shape[0]
+    bounds = [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+    recompute = recompute and torch.is_grad_enabled() and len(bounds) > 1
+    outputs = []
+    for start, end in bounds:
+        args = tuple(t[start:end] for t in tensors)
+        if recompute:
+            outputs.append(checkpoint(fn, *args, use_reentrant=False, **kwargs))
+        else:
+            outputs.append(fn(*args, **kwargs))
+    return outputs
+
+
+def _chunk_logprobs(
+    hidden: Tensor, ids: Tensor, *, weight: Tensor, entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """One chunk of c positions: (log-prob of ids (c,), entropy (c,) or None)."""
     logits = F.linear(hidden, weight)  # (c, V)
     logprobs = token_logprobs(logits[None], ids[None])[0]  # (c,)
-    entropy_c = None
-    if entropy:
+    if not entropy:
+        return logprobs, None
+    with torch.no_grad():
+        return logprobs, token_entropy(logits)  # (c,)
+
+
+def _chunk_divergence(
+    hidden: Tensor,
+    *teacher_inputs: Tensor,
+    weight: Tensor,
+    teacher: OnlineTeacher | TopkTeacher,
+    kind: DivergenceKind,
+    beta: float,
+) -> Tensor:
+    """One chunk of c distilled positions: D(π_T‖π_θ) (c,)."""
+    student = F.linear(hidden, weight)  # (c, V)
+    if isinstance(teacher, OnlineTeacher):
         with torch.no_grad():
-            entropy_c = token_entropy(logits)  # (c,)
-    divergence = None
-    if teacher is not None:
-        assert distill is not None
-        chosen = distill.nonzero().squeeze(-1)  # (c_open,)
-        divergence = logprobs.new_zeros(logprobs.shape)  # (c,) 0 where not distilled
-        if chosen.numel():
-            student = logits[chosen]  # (c_open, V)
-            if isinstance(teacher, OnlineTeacher):
-                with torch.no_grad():
-                    teacher_logits = F.linear(teacher_inputs[0][chosen], teacher.weight)
-                width = min(student.shape[-1], teacher_logits.shape[-1])
-                values = full_divergence(
-                    student[:, :width],
-                    teacher_logits[:, :width],
-                    kind=kind,
-                    beta=beta,
-                    temperature=teacher.temperature,
-                )  # (c_open,)
-            else:
-                topk_ids, topk_logprobs = teacher_inputs
-                values = topk_divergence(
-                    student[None],
-                    topk_ids[chosen][None],
-                    topk_logprobs[chosen][None],
-                    kind=kind,
-                    beta=beta,
-                )[0]  # (c_open,)
-            divergence = divergence.to(values.dtype).index_copy(0, chosen, values)
-    return logprobs, divergence, entropy_c
+            teacher_logits = F.linear(teacher_inputs[0], teacher.weight)  # (c, V_T)
+        width = min(student.shape[-1], teacher_logits.shape[-1])
+        return full_divergence(
+            student[:, :width],
+            teacher_logits[:, :width],
+            kind=kind,
+            beta=beta,
+            temperature=teacher.temperature,
+        )
+    topk_ids, topk_logprobs = teacher_inputs
+    return topk_divergence(
+        student[None], topk_ids[None], topk_logprobs[None], kind=kind, beta=beta
+    )[0]
