@@ -35,9 +35,9 @@ up to exactly the full-batch loss: one process with accumulation equals several 
 processes; the loss is pre-multiplied by both to undo that.
 
 The student's head. For grpo/rloo/kepo the forward stops at the final hidden states, and
-`kepo.chunked` turns them into per-token log-probs and the gated divergence
-`train.logits_chunk_size` positions at a time (the teacher likewise hands over hidden states),
-so the (B, T, V) logits never exist at once; `train.logits_chunk_size: null` computes them
+`kepo.chunked` turns them into per-token log-probs and the gated divergence in blocks of at
+most `train.logits_chunk_elements` logits (the teacher likewise hands over hidden states), so
+the (B, T, V) logits never exist at once; `train.logits_chunk_elements: null` computes them
 whole. The G rows of a prompt share its image: the vision tower encodes each distinct image
 of a micro-batch once (`vision_once_per_image`).
 
@@ -603,7 +603,7 @@ def _lm_head_weight(model: Any) -> torch.Tensor:
     if getattr(inner.lm_head, "bias", None) is not None:
         raise ValueError(
             "the chunked log-prob path expects an LM head without bias; set "
-            "train.logits_chunk_size: null"
+            "train.logits_chunk_elements: null"
         )
     return inner.lm_head.weight  # (V, H)
 
@@ -613,7 +613,7 @@ def _student_terms(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The one place where the student's (and teacher's) head becomes per-token terms:
     log-probs of the completion (B, T) and, for kepo, the gated divergence (B, T) (None when
-    no row is distilled). With `train.logits_chunk_size` the (B, T, V) logits are never
+    no row is distilled). With `train.logits_chunk_elements` the (B, T, V) logits are never
     materialised (`kepo.chunked`); without it the plain path computes them at once."""
     cfg = ctx.cfg
     distill = cfg.algorithm.distill
@@ -622,8 +622,8 @@ def _student_terms(
     gate_open = torch.tensor([r.gate_open for r in rows], dtype=torch.bool, device=ids.device)
     distilled = cfg.algorithm.name == "kepo" and bool(gate_open.any())
     open_rows = [r for r in rows if r.gate_open]
-    chunk_size = cfg.train.logits_chunk_size
-    if chunk_size is None:
+    chunk_elements = cfg.train.logits_chunk_elements
+    if chunk_elements is None:
         logits = completion_logits(ctx.model, batch)  # (B, T, V)
         logprobs = token_logprobs(logits, ids)  # (B, T)
         if not distilled:
@@ -655,12 +655,13 @@ def _student_terms(
         )
     elif distilled:
         teacher = TopkTeacher(*_topk_tensors(rows, ids.shape[1], ids.device))
+    weight = _lm_head_weight(ctx.model)
     with ctx.accelerator.autocast():  # the LM head runs in the precision the forward uses
         terms = chunked_head_terms(
             hidden,
-            _lm_head_weight(ctx.model),
+            weight,
             ids,
-            chunk_size=chunk_size,
+            chunk_size=max(1, chunk_elements // weight.shape[0]),  # positions per chunk
             mask=mask,
             teacher=teacher,
             distill_rows=gate_open,

@@ -160,11 +160,11 @@ def test_gradient_accumulation_equals_one_big_micro_batch(tmp_path: Path, tiny_m
 def test_chunked_logits_equal_the_materialised_logits(
     tmp_path: Path, tiny_models, method: str, overrides: dict
 ) -> None:
-    """train.logits_chunk_size (hidden states + LM head, chunk by chunk) trains exactly like
-    the plain (B, T, V) path: same loss parts, gradient norm and updated weights."""
+    """train.logits_chunk_elements (hidden states + LM head, chunk by chunk) trains exactly
+    like the plain (B, T, V) path: same loss parts, gradient norm and updated weights."""
     results = []
-    for chunk in (None, 3):
-        over = {**overrides, "train.logits_chunk_size": chunk}
+    for chunk in (None, 5000):  # 5000 logits: 4 positions of the tiny vocabulary per chunk
+        over = {**overrides, "train.logits_chunk_elements": chunk}
         run = make_run(tiny_config(method, tmp_path / f"c{chunk}", tiny_models, **over))
         write_rollout_iteration(run, 0, top_k=8)
         result = train_iteration(run, 0)
