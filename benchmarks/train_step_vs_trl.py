@@ -8,7 +8,8 @@ loss (TRL always clips), no KL term, and activation checkpointing off on both si
 default; TRL's GRPOConfig turns it on by default, which trades time for memory:
 `--gradient-checkpointing` turns it on for both).
 
-What each side times (wall clock, one optimizer step):
+What each side times (wall clock, and this process's CPU seconds, which a machine shared with
+other processes disturbs less; one optimizer step):
 
 - `kepo_grpo`, `kepo_kepo`: `kepo.train._optimizer_step` on an in-memory `TrainingData` - the
   function `train_iteration` calls per step, minus the store read and checkpoint write around
@@ -25,6 +26,13 @@ What each side times (wall clock, one optimizer step):
   replaced is `_generate_single_turn`, which returns the fixed completions instead of calling
   `model.generate`. loss_type "dapo" (TRL's default: token mean), beta 0, num_iterations 1
   (so TRL computes no old log-prob forward, as ours reads them from the store).
+
+Same work: both GRPO sides start from the same weights on the same batch, so their first
+steps must compute the same loss and the same pre-clip gradient norm; the script prints both
+(TRL's from its `compute_loss` and `_clip_grad_norm`) and whether they agree within
+|d loss| <= 1e-5 and a relative gradient-norm difference <= 1e-4 (fp32, different operation
+orders). The first step's loss is 0 up to rounding on both sides (ratio 1, zero-mean group
+advantages, equal lengths), so the gradient norm is the check with teeth.
 
 The three sides alternate step by step in one process (TRL's callback runs our two steps after
 each TRL step), one untimed warm-up step each, then `--repeats` timed ones; medians reported.
@@ -94,7 +102,8 @@ class Batch:
 
 
 def make_batch(processor: Any, args: argparse.Namespace) -> Batch:
-    """P prompts with a random image each, G completions of exactly T non-special tokens.
+    """P prompts of one length with a random image each, G completions of exactly T
+    non-special tokens.
 
     Rewards: format 1 for every row, accuracy 1 for the first round(gate_open x G) rows of each
     group (the demo gate is accuracy >= 1, so those rows are the gated-open ones).
@@ -108,7 +117,10 @@ def make_batch(processor: Any, args: argparse.Namespace) -> Batch:
     allowed = np.array([i for i in range(len(tokenizer)) if i not in banned])
     items, images = [], []
     for p in range(args.prompts):
-        options = tuple(FINDINGS[(p + j) % len(FINDINGS)] for j in range(4))
+        # Every prompt the same length (only the case number differs): with left padding of
+        # different widths TRL's log-probs of a row change (measured: a 4.5e-4 relative
+        # gradient-norm gap), ours do not, and the two sides would not do the same work.
+        options = tuple(FINDINGS[:4])
         items.append(
             PromptItem(f"q{p}", f"Which finding is shown in this MRI scan? ({p})", options, "A")
         )
@@ -248,6 +260,7 @@ class OurStep:
         self.loss_fn = MICRO_BATCH_LOSS[self.cfg.algorithm.spec.loss]
         self.n_open = sum(r.gate_open for r in rows)
         self.last_row: dict[str, Any] = {}
+        self.first_row: dict[str, Any] = {}
         self.prep_s = 0.0  # time in _Context.sequences (template, tokenizer, image processor)
         build = self.ctx.sequences
 
@@ -263,7 +276,7 @@ class OurStep:
         from kepo.train import _optimizer_step
 
         self.prep_s = 0.0
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         self.last_row = _optimizer_step(
             self.ctx,
             self.plan,
@@ -277,8 +290,10 @@ class OurStep:
             iteration=0,
         )
         elapsed = time.perf_counter() - start
+        self.cpu_s = time.process_time() - start_cpu
         if self.last_row["skipped"]:
             raise RuntimeError(f"our step was skipped: {self.last_row['skip_reason']}")
+        self.first_row = self.first_row or self.last_row
         return elapsed
 
 
@@ -299,6 +314,17 @@ def make_trl_trainer(student: Path, args: argparse.Namespace, callbacks: list) -
 
         shapes: dict[str, Any] = {}  # noqa: RUF012 - filled per step, read by the benchmark
         prep_s: list[float] = []  # noqa: RUF012 - seconds in _generate_and_score_completions
+        first_step: dict[str, float] = {}  # noqa: RUF012 - loss and pre-clip grad norm, step 1
+
+        def compute_loss(self, *args, **kwargs):
+            loss = super().compute_loss(*args, **kwargs)
+            type(self).first_step.setdefault("loss", float(loss.detach()))
+            return loss
+
+        def _clip_grad_norm(self, model):
+            norm = super()._clip_grad_norm(model)
+            type(self).first_step.setdefault("grad_norm", float(norm))
+            return norm
 
         def _generate_single_turn(
             self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
@@ -349,6 +375,9 @@ def make_trl_trainer(student: Path, args: argparse.Namespace, callbacks: list) -
         loss_type="dapo",
         scale_rewards="group",
         num_iterations=1,
+        # Prompt order as ours (prompt-major): the fixed completions and rewards are given by
+        # row position, so a shuffled prompt order would pair them with other prompts.
+        shuffle_dataset=False,
         max_steps=1 + args.repeats,
         logging_steps=10_000,
         save_strategy="no",
@@ -409,16 +438,19 @@ def time_all(student: Path, teacher: Path, args: argparse.Namespace) -> dict[str
         "kepo_kepo": OurStep("kepo", student, teacher, args),
     }
     times: dict[str, list[float]] = {name: [] for name in SIDES}
+    cpu: dict[str, list[float]] = {name: [] for name in SIDES}
     prep: dict[str, list[float]] = {name: [] for name in SIDES}
     clock: dict[str, float] = {}
 
     def begin() -> None:
-        clock["t0"] = time.perf_counter()
+        clock["t0"], clock["cpu0"] = time.perf_counter(), time.process_time()
 
     def end() -> None:
         times["trl_grpo"].append(time.perf_counter() - clock["t0"])
+        cpu["trl_grpo"].append(time.process_time() - clock["cpu0"])
         for name, step in ours.items():  # alternation: TRL, ours GRPO, ours KEPO, TRL, ...
             times[name].append(step())
+            cpu[name].append(step.cpu_s)
             prep[name].append(step.prep_s)
 
     trainer, trainer_cls = make_trl_trainer(student, args, [_step_callback(begin, end)])
@@ -431,12 +463,38 @@ def time_all(student: Path, teacher: Path, args: argparse.Namespace) -> dict[str
     rows = args.prompts * args.group
     if shapes["completion_tokens"] != rows * args.tokens or not shapes["has_pixel_values"]:
         raise RuntimeError(f"TRL did not train on the intended batch: {shapes}")
+    first = ours["kepo_grpo"].first_row
     return {
         "times": timed,
+        "cpu_s": {name: values[1:] for name, values in cpu.items()},
+        "same_work": same_work(
+            {"loss": first["loss_total"], "grad_norm": first["grad_norm"]}, trainer_cls.first_step
+        ),
         "prep_s": {name: values[1:] for name, values in prep.items()},
         "trl_sequence_width": shapes["prompt"][1] + shapes["completion"][1],
         "our_sequence_width": ours["kepo_grpo"].sequence_width,
         "gated_open_rows": ours["kepo_kepo"].n_open,
+    }
+
+
+# Float tolerance of the first-step comparison: fp32 on both sides, the same batch and weights,
+# but different operation orders (TRL's log-softmax over materialised logits, ours in chunks).
+LOSS_ABS_TOL = 1e-5
+GRAD_NORM_REL_TOL = 1e-4
+
+
+def same_work(ours: dict[str, float], trl: dict[str, float]) -> dict[str, Any]:
+    """Both sides' first-step loss and pre-clip gradient norm (same initial weights, same
+    batch), and whether they agree within LOSS_ABS_TOL / GRAD_NORM_REL_TOL."""
+    if set(trl) != {"loss", "grad_norm"}:
+        raise RuntimeError(f"TRL's first step did not report its loss and gradient norm: {trl}")
+    loss_ok = abs(ours["loss"] - trl["loss"]) <= LOSS_ABS_TOL
+    norm_ok = abs(ours["grad_norm"] - trl["grad_norm"]) <= GRAD_NORM_REL_TOL * abs(trl["grad_norm"])
+    return {
+        "loss": {"kepo_grpo": ours["loss"], "trl_grpo": trl["loss"]},
+        "grad_norm": {"kepo_grpo": ours["grad_norm"], "trl_grpo": trl["grad_norm"]},
+        "tolerance": {"loss_abs": f"{LOSS_ABS_TOL:g}", "grad_norm_rel": f"{GRAD_NORM_REL_TOL:g}"},
+        "equal": loss_ok and norm_ok,
     }
 
 
@@ -554,6 +612,7 @@ def main() -> None:
                 )
 
     med = medians(result["times"])
+    cpu_med = medians(result["cpu_s"])
     prep_med = medians(result["prep_s"])
     rows = args.prompts * args.group
     print(
@@ -567,6 +626,14 @@ def main() -> None:
     )
     print(f"cpu, {threads_note}; trl {trl.__version__}, torch {torch.__version__}")
     print(f"{args.repeats} alternating repeats after 1 warm-up step each; medians")
+    work = result["same_work"]
+    print(
+        "same work, first step (same weights, same batch): loss kepo_grpo "
+        f"{work['loss']['kepo_grpo']:.8f} / trl_grpo {work['loss']['trl_grpo']:.8f}; pre-clip "
+        f"grad norm {work['grad_norm']['kepo_grpo']:.6f} / {work['grad_norm']['trl_grpo']:.6f} "
+        f"-> {'EQUAL' if work['equal'] else 'DIFFERENT'} within |d loss| <= {LOSS_ABS_TOL:g}, "
+        f"rel. d grad norm <= {GRAD_NORM_REL_TOL:g}"
+    )
     table = []
     for side in SIDES:
         mem = memory.get(side, {})
@@ -577,6 +644,8 @@ def main() -> None:
                 rows * args.tokens / med[side],
                 prep_med[side],
                 med[side] / med["trl_grpo"],
+                cpu_med[side],
+                cpu_med[side] / cpu_med["trl_grpo"],
                 mem.get("peak_growth_mb", math.nan),
             ]
         )
@@ -587,6 +656,8 @@ def main() -> None:
             "compl. tok/s",
             "of it: batch prep s",
             "x TRL time",
+            "CPU s/step",
+            "x TRL CPU",
             "peak RSS growth MiB",
         ],
         table,
@@ -599,6 +670,8 @@ def main() -> None:
     ratio = {
         "grpo_time": med["kepo_grpo"] / med["trl_grpo"],
         "kepo_time": med["kepo_kepo"] / med["trl_grpo"],
+        "grpo_cpu": cpu_med["kepo_grpo"] / cpu_med["trl_grpo"],
+        "kepo_cpu": cpu_med["kepo_kepo"] / cpu_med["trl_grpo"],
     }
     if memory:
         ratio["grpo_memory"] = (
@@ -621,6 +694,8 @@ def main() -> None:
             "models": models_note,
             "gated_open_rows": result["gated_open_rows"],
             "median_s": med,
+            "median_cpu_s": cpu_med,
+            "same_work": result["same_work"],
             "median_prep_s": prep_med,
             "all_s": result["times"],
             "peak_rss_growth_mb": {k: v["peak_growth_mb"] for k, v in memory.items()},

@@ -525,6 +525,15 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = _f("Gradient clipping norm; None = off.", 1.0, gt=0.0)
     seed: int = _f("Seed of shuffling and dropout in the training step.", 0)
     gradient_checkpointing: bool = _f("Trade compute for memory in the student forward.", False)
+    logits_chunk_elements: int | None = _f(
+        "Largest block of logits (positions x vocabulary) computed at once when log-probs and "
+        "the distillation divergence are computed from hidden states and the LM head (grpo, "
+        "rloo, kepo), so the (B, T, V) logits are never materialised: 2^24 is 110 positions "
+        "of a 151,936-wide vocabulary (64 MiB in fp32). A batch that fits in one block runs "
+        "without recomputation. None = compute all logits at once.",
+        2**24,
+        ge=1,
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("Accelerate mixed precision.", "no")
     save_optimizer: bool = _f("Save optimizer and scheduler state with each checkpoint.", True)
     sft_epochs: int = _f("SFT: passes over the iteration's prompts' targets.", 1, ge=1)

@@ -263,6 +263,13 @@ def token_logprobs(logits: Tensor, ids: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy H(softmax(logits)) = -Σ_v p_v log p_v over the last dim, in float32 for
+    bf16/fp16 logits: (…, V) → (…)."""
+    logp = F.log_softmax(_upcast(logits), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 # ----------------------------------------------------------------------------- divergences
 
 

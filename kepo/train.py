@@ -37,6 +37,13 @@ equals several processes.
 `Accelerator.backward` divides by its gradient_accumulation_steps and DDP averages over
 processes; the loss is pre-multiplied by both to undo that.
 
+The student's head. For grpo/rloo/kepo the forward stops at the final hidden states, and
+`kepo.chunked` turns them into per-token log-probs and the gated divergence in blocks of at
+most `train.logits_chunk_elements` logits (the teacher likewise hands over hidden states), so
+the (B, T, V) logits never exist at once; `train.logits_chunk_elements: null` computes them
+whole. The G rows of a prompt share its image: the vision tower encodes each distinct image
+of a micro-batch once (`vision_once_per_image`).
+
 AdamW (lr, betas, weight decay); learning rate from `learning_rate_at` over the run's nominal
 optimizer steps (cfg.iterations × `nominal_steps_per_iteration`), global step = k × nominal +
 step. Gradient clipping at max_grad_norm (the pre-clip norm is recorded). A step whose loss or
@@ -79,6 +86,7 @@ from typing import Any, Literal
 import torch
 
 from kepo.algorithms import spec_for
+from kepo.chunked import OnlineTeacher, TopkTeacher, align_open_rows, chunked_head_terms
 from kepo.config import RunConfig
 from kepo.losses import token_logprobs
 from kepo.models import (
@@ -510,20 +518,69 @@ class _Context:
         )
         return batch
 
-    def student_batch(self, rows: Sequence[TrainRow]) -> dict[str, torch.Tensor]:
+    def student_batch(self, rows: Sequence[TrainRow]) -> dict[str, Any]:
         dtype = next(self.model.parameters()).dtype
-        return batch_to(self.sequences(rows, self.processor), self.accelerator.device, dtype)
+        batch = batch_to(self.sequences(rows, self.processor), self.accelerator.device, dtype)
+        with self.accelerator.autocast():
+            return vision_once_per_image(self.model, batch, [r.prompt_id for r in rows])
 
     @torch.no_grad()
-    def teacher_logits(self, rows: Sequence[TrainRow]) -> torch.Tensor:
-        """Teacher completion logits (n, T', V) of `rows` (T' = their longest completion)."""
+    def teacher_logits(self, rows: Sequence[TrainRow], *, hidden: bool = False) -> torch.Tensor:
+        """Teacher completion logits (n, T', V) of `rows` (T' = their longest completion), or
+        with `hidden` its final hidden states (n, T', H_T) before the LM head."""
         assert self.teacher is not None
         dtype = next(self.teacher.parameters()).dtype
         batch = batch_to(
             self.sequences(rows, self.teacher_processor), self.accelerator.device, dtype
         )
         with self.accelerator.autocast():
+            batch = vision_once_per_image(self.teacher, batch, [r.prompt_id for r in rows])
+            if hidden:
+                return completion_hidden(self.teacher, batch)
             return completion_logits(self.teacher, batch)
+
+
+def vision_once_per_image(
+    model: Any, batch: dict[str, Any], image_keys: Sequence[str]
+) -> dict[str, Any]:
+    """Run the vision tower once per distinct image of a batch, not once per row.
+
+    The G rows of a prompt carry the same image: its patches are encoded once and the features
+    (and the deepstack features) are handed to every row through the model's
+    `mm_encoder_outputs` argument, so the gradient of the shared encoding sums over the rows,
+    as the per-row encodings' gradients would. `image_keys[b]` names row b's image (its prompt
+    id). The batch comes back unchanged when no image repeats, when some row has no image, or
+    when the model takes no precomputed features.
+    """
+    grid = batch.get("image_grid_thw")
+    inner = model.module if hasattr(model, "module") else model
+    vision = getattr(getattr(inner, "model", None), "get_image_features", None)
+    if (
+        grid is None
+        or "pixel_values" not in batch
+        or vision is None
+        or grid.shape[0] != len(image_keys)
+        or len(set(image_keys)) == len(image_keys)
+    ):
+        return batch
+    first_row = {}
+    source = [first_row.setdefault(key, row) for row, key in enumerate(image_keys)]  # row -> row
+    distinct = sorted(first_row.values())
+    patches = grid.prod(-1).tolist()  # pixel rows per image
+    offsets = [0]
+    for n in patches:
+        offsets.append(offsets[-1] + n)
+    pixels = torch.cat([batch["pixel_values"][offsets[r] : offsets[r + 1]] for r in distinct])
+    features = vision(pixels, grid[distinct], return_dict=True)
+    slot = {row: i for i, row in enumerate(distinct)}
+    # the same output object, its per-image tuples re-indexed from distinct images to rows
+    features.pooler_output = tuple(features.pooler_output[slot[r]] for r in source)
+    features.deepstack_features = [
+        tuple(layer[slot[r]] for r in source) for layer in features.deepstack_features
+    ]
+    out = {k: v for k, v in batch.items() if k != "pixel_values"}
+    out["mm_encoder_outputs"] = {"image": features}
+    return out
 
 
 def _padded(values: Sequence[Sequence[float] | None], width: int, device: Any) -> torch.Tensor:
@@ -553,12 +610,12 @@ def _topk_tensors(
     return ids.to(device), logprobs.to(device)
 
 
-def _rl_inputs(ctx: _Context, rows: Sequence[TrainRow], logits: torch.Tensor, batch: dict) -> dict:
+def _rl_inputs(ctx: _Context, rows: Sequence[TrainRow], logprobs: torch.Tensor) -> dict:
     algo = ctx.cfg.algorithm
-    width = logits.shape[1]
-    device = logits.device
+    width = logprobs.shape[1]
+    device = logprobs.device
     return {
-        "logprobs": token_logprobs(logits, batch["completion_ids"]),  # (B, T)
+        "logprobs": logprobs,  # (B, T)
         "old_logprobs": _padded([r.old_logprobs for r in rows], width, device),
         "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=device),
         "ref_logprobs": _padded([r.ref_logprobs for r in rows], width, device)
@@ -573,43 +630,114 @@ def _rl_inputs(ctx: _Context, rows: Sequence[TrainRow], logits: torch.Tensor, ba
     }
 
 
+def completion_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden states (B, Tc, H) at the positions `completion_logits` would turn into
+    logits: the same forward (through any DDP wrapper) with the LM head swapped for identity."""
+    inner = model.module if hasattr(model, "module") else model
+    head = inner.lm_head
+    inner.lm_head = torch.nn.Identity()
+    try:
+        return completion_logits(model, batch)
+    finally:
+        inner.lm_head = head
+
+
+def _lm_head_weight(model: Any) -> torch.Tensor:
+    inner = model.module if hasattr(model, "module") else model
+    if getattr(inner.lm_head, "bias", None) is not None:
+        raise ValueError(
+            "the chunked log-prob path expects an LM head without bias; set "
+            "train.logits_chunk_elements: null"
+        )
+    return inner.lm_head.weight  # (V, H)
+
+
+def _student_terms(
+    ctx: _Context, rows: Sequence[TrainRow], batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The one place where the student's (and teacher's) head becomes per-token terms:
+    log-probs of the completion (B, T), for kepo the gated divergence (B, T) (None when
+    no row is distilled), and the policy's mean token entropy on the completions (a detached
+    0-dim diagnostic). With `train.logits_chunk_elements` the (B, T, V) logits are never
+    materialised (`kepo.chunked`); without it the plain path computes them at once."""
+    cfg = ctx.cfg
+    distill = cfg.algorithm.distill
+    ids = batch["completion_ids"]
+    mask = completion_mask_of(batch).bool()
+    gate_open = torch.tensor([r.gate_open for r in rows], dtype=torch.bool, device=ids.device)
+    distilled = spec_for(cfg.algorithm).gated and bool(gate_open.any())
+    open_rows = [r for r in rows if r.gate_open]
+    chunk_elements = cfg.train.logits_chunk_elements
+    if chunk_elements is None:
+        logits = completion_logits(ctx.model, batch)  # (B, T, V)
+        logprobs = token_logprobs(logits, ids)  # (B, T)
+        entropy = mean_token_entropy(logits, mask)
+        if not distilled:
+            return logprobs, None, entropy
+        if distill.mode == "online":
+            divergence = online_divergence(
+                logits,
+                ctx.teacher_logits(open_rows),  # the teacher runs on the open rows only
+                gate_open,
+                kind=distill.divergence,
+                beta=distill.jsd_beta,
+                temperature=distill.temperature,
+            )
+        else:
+            topk_ids, topk_logprobs = _topk_tensors(rows, logits.shape[1], logits.device)
+            divergence = offline_divergence(
+                logits, topk_ids, topk_logprobs, kind=distill.divergence, beta=distill.jsd_beta
+            )
+        return logprobs, divergence, entropy
+
+    hidden = completion_hidden(ctx.model, batch)  # (B, T, H)
+    teacher: OnlineTeacher | TopkTeacher | None = None
+    if distilled and distill.mode == "online":
+        teacher_hidden = ctx.teacher_logits(open_rows, hidden=True)  # (n_open, T', H_T)
+        teacher = OnlineTeacher(
+            align_open_rows(teacher_hidden, gate_open, ids.shape[1]),
+            _lm_head_weight(ctx.teacher),
+            temperature=distill.temperature,
+        )
+    elif distilled:
+        teacher = TopkTeacher(*_topk_tensors(rows, ids.shape[1], ids.device))
+    weight = _lm_head_weight(ctx.model)
+    with ctx.accelerator.autocast():  # the LM head runs in the precision the forward uses
+        terms = chunked_head_terms(
+            hidden,
+            weight,
+            ids,
+            chunk_size=max(1, chunk_elements // weight.shape[0]),  # positions per chunk
+            mask=mask,
+            teacher=teacher,
+            distill_rows=gate_open,
+            kind=distill.divergence,
+            beta=distill.jsd_beta,
+            entropy=True,
+        )
+    assert terms.entropy is not None
+    entropy = (terms.entropy * mask).sum() / mask.sum().clamp(min=1)  # detached (B, T) -> ()
+    return terms.logprobs, terms.divergence, entropy.float()
+
+
 def _loss_policy(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
     """grpo / rloo."""
     batch = ctx.student_batch(rows)
-    logits = completion_logits(ctx.model, batch)  # (B, T, V)
+    logprobs, _, entropy = _student_terms(ctx, rows, batch)
     mask = completion_mask_of(batch).bool()
-    out = grpo_objective(mask=mask, **_rl_inputs(ctx, rows, logits, batch))
-    return _with_entropy(out, logits, mask)
+    out = grpo_objective(mask=mask, **_rl_inputs(ctx, rows, logprobs))
+    out.metrics["entropy"] = entropy
+    return out
 
 
 def _loss_kepo(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
     distill = ctx.cfg.algorithm.distill
     batch = ctx.student_batch(rows)
-    logits = completion_logits(ctx.model, batch)  # (B, T, V)
+    logprobs, divergence, entropy = _student_terms(ctx, rows, batch)
     mask = completion_mask_of(batch).bool()
-    gate_open = torch.tensor([r.gate_open for r in rows], dtype=torch.bool, device=logits.device)
-    if distill.mode == "online":
-        open_rows = [r for r in rows if r.gate_open]  # the teacher runs on these only
-        teacher = (
-            ctx.teacher_logits(open_rows)
-            if open_rows
-            else logits.new_zeros((0, 0, logits.shape[-1]))
-        )
-        divergence = online_divergence(
-            logits,
-            teacher,
-            gate_open,
-            kind=distill.divergence,
-            beta=distill.jsd_beta,
-            temperature=distill.temperature,
-        )
-    elif any(r.gate_open for r in rows):
-        ids, logprobs = _topk_tensors(rows, logits.shape[1], logits.device)
-        divergence = offline_divergence(
-            logits, ids, logprobs, kind=distill.divergence, beta=distill.jsd_beta
-        )
-    else:
-        divergence = logits.new_zeros(logits.shape[:2])
+    gate_open = torch.tensor([r.gate_open for r in rows], dtype=torch.bool, device=mask.device)
+    if divergence is None:
+        divergence = logprobs.new_zeros(logprobs.shape)  # no open gate in this micro-batch
     out = kepo_objective(
         mask=mask,
         divergence=divergence,
@@ -617,9 +745,10 @@ def _loss_kepo(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:
         distill_coef=distill.coef,
         distill_normalize=distill.normalize,
         distill_denominator=ctx.distill_denominator,
-        **_rl_inputs(ctx, rows, logits, batch),
+        **_rl_inputs(ctx, rows, logprobs),
     )
-    return _with_entropy(out, logits, mask)
+    out.metrics["entropy"] = entropy
+    return out
 
 
 def _loss_gkd(ctx: _Context, rows: Sequence[TrainRow]) -> ObjectiveOutput:

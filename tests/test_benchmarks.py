@@ -62,18 +62,25 @@ def test_common_helpers_alternate_and_parse() -> None:
 def test_train_step_vs_trl_smoke() -> None:
     out, text = run_script(
         "train_step_vs_trl",
-        "--prompts", "1", "--group", "2", "--tokens", "6", "--image-side", "64",
+        "--prompts", "4", "--group", "2", "--tokens", "6", "--image-side", "64",
         "--gate-open", "0.5", "--repeats", "1",
     )  # fmt: skip
     assert set(out["median_s"]) == {"kepo_grpo", "kepo_kepo", "trl_grpo"}
     assert all(v > 0 for v in out["median_s"].values())
-    assert out["gated_open_rows"] == 1
+    assert out["gated_open_rows"] == 4
     assert set(out["peak_rss_growth_mb"]) == {"kepo_grpo", "kepo_kepo", "trl_grpo"}
     ratio = out["ratio_ours_over_trl"]
     assert ratio["grpo_time"] == pytest.approx(
         out["median_s"]["kepo_grpo"] / out["median_s"]["trl_grpo"], rel=1e-2
     )
     assert "set_num_threads(1)" in text
+    # Same work: the first step's loss and pre-clip gradient norm agree (same weights, batch).
+    work = out["same_work"]
+    assert work["equal"] is True, work
+    assert work["tolerance"] == {"loss_abs": "1e-05", "grad_norm_rel": "0.0001"}
+    assert work["grad_norm"]["kepo_grpo"] > 0
+    assert work["grad_norm"]["kepo_grpo"] == pytest.approx(work["grad_norm"]["trl_grpo"], rel=1e-3)
+    assert "EQUAL within" in text
 
 
 @needs_trl

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from kepo.generation import GenerationRequest, SamplingParams, make_backend, sample_seed
-from kepo.generation.hf import HFBackend, SeededSampler, truncate
+from kepo.generation.hf import HFBackend, SeededSampler, inverse_cdf_sample, truncate
 from kepo.models import build_prompt_inputs, model_inputs, vision_token_ids
 from kepo.prompts import PromptItem, build_messages
 from kepo.tiny import build_tiny
@@ -157,7 +157,11 @@ def test_first_token_is_the_documented_gumbel_max_sample(backend):
     shows that the folder's sampling defaults (top-k 20, temperature 0.7) play no part."""
     request = _requests()[1]
     sampling = SamplingParams(n=3, temperature=0.8, top_p=0.9, max_new_tokens=1)
-    result = backend.generate([request], sampling)[0][2]
+    backend.noise = "gumbel_per_row"  # the earlier sampler, still selectable
+    try:
+        result = backend.generate([request], sampling)[0][2]
+    finally:
+        backend.noise = "inverse_cdf"
     inputs = build_prompt_inputs(backend.processor, [request.messages], [request.image])
     with torch.no_grad():
         raw = backend.model(**model_inputs(inputs, backend.model)).logits[0, -1].double()
@@ -175,6 +179,42 @@ def test_first_token_is_the_documented_gumbel_max_sample(backend):
     assert result.token_ids == [expected]
     assert backend.model.generation_config.top_k == 20  # the folder's defaults are restored
     assert math.isclose(result.logprobs[0], float(raw_logprobs[expected]), abs_tol=1e-5)
+
+
+def test_first_token_is_the_documented_inverse_cdf_sample(backend):
+    """The default sampler by hand: the truncated distribution in float64, vocabulary order,
+    and the first of the sample's own generator's uniforms (all drawn when the chunk starts)."""
+    request = _requests()[2]
+    sampling = SamplingParams(n=3, temperature=0.8, top_p=0.9, max_new_tokens=5)
+    results = backend.generate([request], sampling)[0]
+    inputs = build_prompt_inputs(backend.processor, [request.messages], [request.image])
+    with torch.no_grad():
+        raw = backend.model(**model_inputs(inputs, backend.model)).logits[0, -1].double()
+    raw[vision_token_ids(backend.processor)] = -math.inf
+    scaled = raw / 0.8
+    order = torch.argsort(scaled, descending=True)
+    probs = torch.softmax(scaled[order], dim=0)
+    kept = order[(probs.cumsum(0) - probs) < 0.9]
+    truncated = torch.full_like(scaled, -math.inf)
+    truncated[kept] = scaled[kept]
+    for sample, result in enumerate(results):
+        generator = torch.Generator().manual_seed(sample_seed(request.seed, sample))
+        u = float(torch.rand(5, generator=generator, dtype=torch.float64)[0])
+        # the nucleus in descending order of probability, its running mass
+        cdf = torch.softmax(truncated[kept], 0).cumsum(0)
+        expected = int(kept[int((cdf <= u * float(cdf[-1])).sum())])  # first with cdf > u·total
+        assert result.token_ids[0] == expected
+
+
+def test_inverse_cdf_sample_by_hand():
+    # ids sorted by probability: 0 (0.5), 3 (0.3), 2 (0.2); id 1 has probability 0
+    logits = torch.log(torch.tensor([[0.5, 0.0, 0.2, 0.3]] * 4))
+    draw = lambda u, **kw: inverse_cdf_sample(logits, torch.tensor(u), SamplingParams(**kw))  # noqa: E731
+    assert draw([0.0, 0.49, 0.51, 0.99]).tolist() == [0, 0, 3, 2]
+    assert draw([0.51, 0.6, 0.79, 0.81]).tolist() == [3, 3, 3, 2]
+    # top-p 0.8 keeps {0, 3} (mass 0.8): u splits it 0.5 / 0.3 of 0.8
+    assert draw([0.0, 0.62, 0.63, 0.99], top_p=0.8).tolist() == [0, 0, 3, 3]
+    assert draw([0.0, 0.99, 0.5, 0.7], top_k=1).tolist() == [0, 0, 0, 0]
 
 
 def test_greedy_ignores_seeds(backend):

@@ -169,6 +169,82 @@ def test_gradient_accumulation_equals_one_big_micro_batch(tmp_path: Path, tiny_m
     assert _max_change(load_params(r1.checkpoint_dir), load_params(r2.checkpoint_dir)) < 1e-5
 
 
+@pytest.mark.parametrize(
+    ("method", "overrides"),
+    [
+        ("grpo-thinking", {}),
+        ("kepo-ke-tau0", {}),
+        ("kepo-ke-tau0", {"algorithm.distill.divergence": "reverse_kl"}),
+        ("kepo-ke-tau0", {"algorithm.distill.mode": "offline"}),
+    ],
+)
+def test_chunked_logits_equal_the_materialised_logits(
+    tmp_path: Path, tiny_models, method: str, overrides: dict
+) -> None:
+    """train.logits_chunk_elements (hidden states + LM head, chunk by chunk) trains exactly
+    like the plain (B, T, V) path: same loss parts, gradient norm and updated weights."""
+    results = []
+    for chunk in (None, 5000):  # 5000 logits: 4 positions of the tiny vocabulary per chunk
+        over = {**overrides, "train.logits_chunk_elements": chunk}
+        run = make_run(tiny_config(method, tmp_path / f"c{chunk}", tiny_models, **over))
+        write_rollout_iteration(run, 0, top_k=8)
+        result = train_iteration(run, 0)
+        results.append((result, _steps(run, 0)[0]))
+    (r1, s1), (r2, s2) = results
+    for key in ("loss_total", "loss_pg", "loss_distill", "grad_norm", "clipfrac", "approx_kl"):
+        if s1[key] is None:
+            assert s2[key] is None, key
+        else:
+            assert s2[key] == pytest.approx(s1[key], rel=1e-5, abs=1e-7), key
+    if method.startswith("kepo"):
+        assert s1["loss_distill"] > 0
+    assert _max_change(load_params(r1.checkpoint_dir), load_params(r2.checkpoint_dir)) < 1e-5
+
+
+def test_vision_once_per_image_equals_one_encoding_per_row(tiny_models) -> None:
+    """Rows of one prompt share its image: encoding it once gives the same logits and the same
+    gradients as encoding it for every row."""
+    import numpy as np
+    from PIL import Image
+
+    from kepo.models import build_sequence_batch, completion_logits, load_policy
+    from kepo.prompts import PromptItem, build_messages
+
+    model, processor = load_policy(tiny_models[0], dtype="float32", device="cpu")
+    rng = np.random.default_rng(0)
+    items = [PromptItem(f"q{i}", f"Which finding? ({i})", ("a", "b"), "A") for i in range(2)]
+    images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")) for _ in items]
+    keys = ["q0", "q1", "q0", "q0"]  # rows in any order
+    batch = build_sequence_batch(
+        processor,
+        [build_messages(items[int(k[1])], "train") for k in keys],
+        [images[int(k[1])] for k in keys],
+        [[5, 6, 7], [8, 9], [10, 11, 12], [13]],
+    )
+    vision = [p for n, p in model.named_parameters() if "visual" in n]
+
+    def run(b):
+        model.zero_grad()
+        logits = completion_logits(model, b)
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in vision]
+
+    calls = []
+    handle = model.model.visual.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        shared = train_mod.vision_once_per_image(model, batch, keys)
+        assert "pixel_values" not in shared and "mm_encoder_outputs" in shared
+        logits_once, grads_once = run(shared)
+        logits_each, grads_each = run(batch)
+    finally:
+        handle.remove()
+    assert calls[0] * 2 == calls[1]  # two distinct images encoded instead of four
+    torch.testing.assert_close(logits_once, logits_each, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_once, grads_each, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert train_mod.vision_once_per_image(model, batch, ["a", "b", "c", "d"]) is batch
+
+
 def test_optimizer_state_carries_over_between_iterations(tmp_path: Path, tiny_models) -> None:
     run = make_run(tiny_config("grpo-thinking", tmp_path, tiny_models))
     write_rollout_iteration(run, 0)
@@ -239,9 +315,9 @@ def test_online_teacher_runs_only_on_gated_open_rows(
     seen: list[list[bool]] = []
     original = train_mod._Context.teacher_logits
 
-    def spy(self, rows):
+    def spy(self, rows, **kw):
         seen.append([r.gate_open for r in rows])
-        return original(self, rows)
+        return original(self, rows, **kw)
 
     monkeypatch.setattr(train_mod._Context, "teacher_logits", spy)
     train_iteration(run, 0)

@@ -8,13 +8,20 @@ Sampling: `generate` runs greedy (`do_sample=False`) and `SeededSampler`, a logi
 makes the choice. For each row it suppresses the vision control tokens (an untrained model
 samples `<|image_pad|>`, which breaks the next forward pass) and any id past the tokenizer's
 vocabulary, blocks the stop tokens before `min_new_tokens`, applies temperature, top-k and
-top-p, and adds Gumbel noise drawn from the row's own `torch.Generator` (seeded with
-`sample_seed(request.seed, sample_idx)`). The arg-max of log-probs + Gumbel noise is an exact
-sample of the truncated distribution (the Gumbel-max trick), and since each row consumes only
-its own generator, one vocabulary-sized draw per step, a row's tokens do not depend on the
-other rows of its batch. The processor returns a one-hot score so `generate` picks exactly that
-token, and it records the raw-logit log-prob of the chosen token, so no logits tensor of the
-whole generation (T x B x V) is ever kept. Greedy (temperature 0) skips the noise.
+top-p, and draws the token by inverse-CDF sampling: in the row's ids sorted by probability
+(one sort serves top-k, top-p and the draw), the row's uniform u ∈ [0, 1) of this step picks
+the first id whose cumulative probability (float64) exceeds u times the kept mass — an exact
+sample of the truncated distribution. Each row's uniforms come from
+its own `torch.Generator` (seeded with `sample_seed(request.seed, sample_idx)`), all
+`max_new_tokens` of them drawn once when the chunk starts; every step is then one vectorised
+draw over the batch with no Python loop per row, and since a row consumes only its own
+generator, a row's tokens do not depend on the other rows of its batch.
+`noise="gumbel_per_row"` keeps the previous sampler (samples of earlier versions, bit for bit):
+Gumbel-max with one vocabulary-sized Exp(1) draw per row and step from the row's generator,
+in a Python loop over the rows. The processor returns a one-hot score so `generate` picks
+exactly the sampled token, and it records the raw-logit log-prob of the chosen token, so no
+logits tensor of the whole generation (T x B x V) is ever kept. Greedy (temperature 0) draws
+nothing.
 
 The model folder's own generation defaults (e.g. sampling on, top-k 20, a repetition penalty)
 are swapped out while `generate` runs (a config with only the stop and pad ids), so no other
@@ -32,7 +39,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -63,13 +70,16 @@ from kepo.progress import progress
 
 log = logging.getLogger(__name__)
 
+SamplingNoise = Literal["inverse_cdf", "gumbel_per_row"]
+
 
 class SeededSampler:
-    """Logits processor: per-row seeded sampling (Gumbel-max) + raw log-prob bookkeeping.
+    """Logits processor: per-row seeded sampling + raw log-prob bookkeeping.
 
     Called by `generate` once per step with the raw next-token logits (B, V); returns scores
     whose arg-max is the sampled token. `chosen_ids` / `chosen_logprobs` collect (B,) tensors
-    per step.
+    per step. `noise`: "inverse_cdf" (one uniform per row and step, all of a row's uniforms
+    drawn from its generator at the first step) or "gumbel_per_row" (the earlier sampler).
     """
 
     def __init__(
@@ -81,9 +91,14 @@ class SeededSampler:
         suppress_ids: Sequence[int],
         stop_ids: Sequence[int],
         vocab_limit: int,
+        noise: SamplingNoise = "inverse_cdf",
     ) -> None:
+        if noise not in ("inverse_cdf", "gumbel_per_row"):
+            raise ValueError(f"unknown noise {noise!r}; use 'inverse_cdf' or 'gumbel_per_row'")
         self.sampling = sampling
         self.generators = generators
+        self.noise = noise
+        self._uniforms: torch.Tensor | None = None  # (B, max_new_tokens) float64
         self.prompt_width = prompt_width
         self.suppress_ids = list(suppress_ids)
         self.stop_ids = list(stop_ids)
@@ -104,14 +119,35 @@ class SeededSampler:
         if self.sampling.greedy:
             choice = processed.argmax(dim=-1)  # (B,)
         else:
-            # arg-max(log_softmax(x) + g) = arg-max(x + g): the normaliser is constant per row.
-            truncated = truncate(processed / self.sampling.temperature, self.sampling)
-            choice = (truncated + self._gumbel(raw)).argmax(dim=-1)  # (B,)
+            scaled = processed / self.sampling.temperature
+            if self.noise == "gumbel_per_row":
+                # arg-max(log_softmax(x) + g) = arg-max(x + g): the normaliser is constant per row
+                truncated = truncate(scaled, self.sampling)
+                choice = (truncated + self._gumbel(raw)).argmax(dim=-1)  # (B,)
+            else:
+                choice = inverse_cdf_sample(scaled, self._uniform(step, raw), self.sampling)
         self.chosen_ids.append(choice)
         chosen_raw = raw.gather(1, choice.unsqueeze(1)).squeeze(1)  # (B,)
         self.chosen_logprobs.append(chosen_raw - torch.logsumexp(raw, dim=-1))
         one_hot = torch.full_like(scores, float("-inf"))
         return one_hot.scatter_(1, choice.unsqueeze(1), 0.0)
+
+    def _uniform(self, step: int, like: torch.Tensor) -> torch.Tensor:
+        """Row b's uniform of this step (B,): the step-th of its generator's draws."""
+        assert self.generators is not None and len(self.generators) == like.shape[0]
+        drawn = 0 if self._uniforms is None else self._uniforms.shape[1]
+        if step >= drawn:  # one draw per row for the whole chunk (continued if ever exceeded)
+            steps = max(self.sampling.max_new_tokens, step + 1) - drawn
+            more = torch.stack(
+                [
+                    torch.rand(steps, generator=g, device=like.device, dtype=torch.float64)
+                    for g in self.generators
+                ]
+            )  # (B, steps)
+            self._uniforms = (
+                more if self._uniforms is None else torch.cat([self._uniforms, more], 1)
+            )
+        return self._uniforms[:, step]
 
     def _gumbel(self, like: torch.Tensor) -> torch.Tensor:
         """Gumbel(0, 1) noise (B, V), row b drawn from generators[b] only."""
@@ -122,6 +158,32 @@ class SeededSampler:
             for g in self.generators
         ]
         return -torch.stack(rows).log()  # -log(Exp(1)) ~ Gumbel(0, 1)
+
+
+def inverse_cdf_sample(
+    logits: torch.Tensor, uniforms: torch.Tensor, sampling: SamplingParams
+) -> torch.Tensor:
+    """One token per row of (B, V) logits (-inf = excluded), top-k and top-p applied, drawn by
+    inverse CDF from uniforms (B,) in [0, 1); one sort serves truncation and the draw.
+
+    In each row the ids are sorted by logit (descending, stable); the top-k first are kept,
+    then the shortest prefix whose probability reaches top_p (at least one id), as `truncate`
+    keeps them. With p the sorted probabilities (float64) and cdf their running sum, the row
+    takes the first sorted id whose cdf exceeds u times the kept mass: id i is chosen exactly
+    when u lies in its own interval, of width p_i / kept mass, so ids outside the kept prefix
+    or with probability 0 are never chosen.
+    """
+    vocab = logits.shape[-1]
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # (B, V)
+    if 0 < sampling.top_k < vocab:
+        sorted_logits[:, sampling.top_k :] = float("-inf")
+    probs = torch.softmax(sorted_logits.double(), dim=-1)  # (B, V)
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    kept = (cdf - probs < sampling.top_p) & (probs > 0)  # a prefix of each row
+    last_kept = (kept.sum(-1, keepdim=True) - 1).clamp(min=0)  # (B, 1)
+    target = uniforms.to(cdf.dtype)[:, None] * cdf.gather(1, last_kept)  # (B, 1)
+    position = torch.searchsorted(cdf, target, right=True).clamp(max=vocab - 1)  # (B, 1)
+    return order.gather(1, torch.minimum(position, last_kept)).squeeze(1)  # (B,)
 
 
 def truncate(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
@@ -157,9 +219,13 @@ class HFBackend:
         scoring_batch_size: int = 16,
         dtype: str | torch.dtype | None = None,
         attn_implementation: str | None = None,
+        noise: SamplingNoise = "inverse_cdf",
     ) -> None:
         if generation_batch_size < 1 or scoring_batch_size < 1:
             raise ValueError("generation_batch_size and scoring_batch_size must be >= 1")
+        if noise not in ("inverse_cdf", "gumbel_per_row"):
+            raise ValueError(f"unknown noise {noise!r}; use 'inverse_cdf' or 'gumbel_per_row'")
+        self.noise: SamplingNoise = noise
         self.model = model
         self.processor = processor
         self.generation_batch_size = generation_batch_size
@@ -184,6 +250,7 @@ class HFBackend:
         device_map: Any = None,
         max_memory: Any = None,
         offload_folder: str | Path | None = None,
+        noise: SamplingNoise = "inverse_cdf",
     ) -> HFBackend:
         """Load a local folder; `device_map` / `max_memory` / `offload_folder` split the model
         across devices (kepo.models.load_model), and `device` is then ignored."""
@@ -203,6 +270,7 @@ class HFBackend:
             scoring_batch_size=scoring_batch_size,
             dtype=dtype,
             attn_implementation=attn_implementation,
+            noise=noise,
         )
 
     @property
@@ -293,6 +361,7 @@ class HFBackend:
             suppress_ids=self.suppress_ids,
             stop_ids=self.stop_ids,
             vocab_limit=len(self.tokenizer),
+            noise=self.noise,
         )
         with self._neutral_defaults():
             output = self.model.generate(
