@@ -199,7 +199,7 @@ def check_models(config: Any) -> None:
     """Refuse (naming the setting) when a configured model folder does not exist."""
     models = config.models
     wanted = [("models.student", models.student)]
-    if config.algorithm.uses_teacher:
+    if config.algorithm.spec.needs_teacher:
         wanted.append(("models.teacher", models.teacher))
     if models.reference is not None:
         wanted.append(("models.reference", models.reference))

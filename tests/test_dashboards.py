@@ -180,6 +180,7 @@ def stage_row(
         "finished_at": started + timedelta(seconds=seconds),
         "error": None,
         "attempt": 1,
+        "lease_owner": None,
     }
 
 

@@ -94,10 +94,10 @@ def unsharded_rows(tmp_path_factory, tiny_models, curated_bundled, prefect_harne
 
 
 def evaluate_version_0(run: Run) -> None:
-    from flows.iteration import run_stage_sharded
+    from flows.iteration import run_planned
     from kepo.pipeline import PlannedStage
 
-    run_stage_sharded(str(run.workdir), run.run_id, PlannedStage(0, "evaluate"))
+    run_planned(str(run.store.path), run, PlannedStage(0, "evaluate"))
 
 
 def eval_rows(run: Run) -> dict[str, list[dict]]:

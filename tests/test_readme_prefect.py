@@ -32,11 +32,11 @@ def readme_block(section: str = SECTION) -> str:
 
 
 def test_the_quick_start_builds_the_models_the_tiny_configs_use() -> None:
-    """Statically: the block builds every model folder configs/tiny/ points at."""
+    """Statically: the block builds every model folder configs/tiny/_scale.yaml points at."""
     import yaml
 
     block = readme_block()
-    common = yaml.safe_load((REPO / "configs" / "tiny" / "_common.yaml").read_text())
+    common = yaml.safe_load((REPO / "configs" / "tiny" / "_scale.yaml").read_text())
     for role in ("student", "teacher"):
         assert f"--out {common['models'][role]}" in block, role
     assert "--watch" in block  # iteration 1 must not start before iteration 0 is done
