@@ -53,7 +53,8 @@ def writer_slot(workdir: str | Path) -> Iterator[None]:
     """Hold the database's single writer slot for the duration of the block."""
     name = writer_limit_name(workdir)
     _ensure_limit(name)
-    with concurrency(name, occupy=1, strict=True):
+    # A lease renewed while the holder lives (60 s is the server minimum; the default is 300 s).
+    with concurrency(name, occupy=1, strict=True, lease_duration=60):
         yield
 
 

@@ -206,7 +206,8 @@ kepo_run(sys.argv[1])
 @pytest.mark.slow
 def test_killed_during_training_resumes_at_training(tmp_path, tiny_models, curated_bundled) -> None:
     """SIGKILL the run flow while iteration 1 trains; the rerun continues at iteration 1's training."""
-    config = write_config(tmp_path, curated_bundled, tiny_models, **{"train.passes": 4})
+    # enough passes that training lasts well beyond the 50 ms status poll
+    config = write_config(tmp_path, curated_bundled, tiny_models, **{"train.passes": 40})
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
     # Own process group: the flow starts a temporary Prefect API as a child, which must die too.
     proc = subprocess.Popen(
