@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kepo.config import RunConfig, parse_config
+from kepo.seeds import derive_seed
 from kepo.store import Store, StoreError, utcnow
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,6 @@ _PATH_FIELDS = (
 
 class SettingsChanged(StoreError):
     """A rerun's settings contradict rows the run has stored."""
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any parts (e.g. master seed, run id, iteration, prompt id)."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
 @dataclass

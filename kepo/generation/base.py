@@ -27,13 +27,14 @@ Callers derive request seeds from (run seed, iteration, prompt id, purpose), see
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from PIL import Image
+
+from kepo.seeds import derive_seed
 
 FinishReason = Literal["stop", "length"]
 
@@ -144,18 +145,6 @@ class GenerationBackend(Protocol):
 
 
 # ------------------------------------------------------------------------------ seeds
-_SEED_MASK = (1 << 63) - 1
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any printable parts, stable across processes and machines.
-
-    e.g. derive_seed(run_seed, run_id, iteration, question_id, "rollout").
-    """
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & _SEED_MASK
-
-
 def sample_seed(request_seed: int, sample_idx: int) -> int:
     """The generator seed of sample `sample_idx` of a request."""
     return derive_seed("sample", request_seed, sample_idx)
