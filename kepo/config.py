@@ -913,16 +913,14 @@ def read_layered_yaml(
 ) -> dict[str, Any]:
     """A YAML mapping merged over its `base:` layers (a path or a list of paths, relative to the
     file; earlier layers first, the file itself last). A cycle, a missing base or malformed YAML
-    is a one-line `error` naming the file. `relative_keys`: top-level path values made relative
-    to the file that sets them (e.g. a study's base_config)."""
+    is a one-line `error` naming the file. `relative_keys`: path values made relative to the file
+    that sets them (a top-level key such as a study's base_config, or `list[].field`)."""
     if path.resolve() in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
         raise error(f"{path}: `base:` layers form a cycle ({chain}); remove one of them")
     data = resolve_trl_section(read_yaml_mapping(path, error), str(path))
     for key in relative_keys:
-        value = data.get(key)
-        if isinstance(value, str) and not Path(value).is_absolute():
-            data[key] = os.path.normpath(path.parent / value)
+        _make_relative(data, key, path.parent)
     parents = data.pop("base", None)
     if parents is None:
         return data
@@ -943,6 +941,20 @@ def read_layered_yaml(
         )
         merged = deep_merge(merged, layer)
     return deep_merge(merged, data)
+
+
+def _make_relative(data: dict[str, Any], key: str, folder: Path) -> None:
+    """Make the path at `key` relative to `folder`: a top-level key, or `list[].field` for a field
+    of each mapping in a top-level list (e.g. a study's `methods[].method`)."""
+    if "[]." in key:
+        list_key, field_name = key.split("[].", 1)
+        for entry in data.get(list_key) or []:
+            if isinstance(entry, dict):
+                _make_relative(entry, field_name, folder)
+        return
+    value = data.get(key)
+    if isinstance(value, str) and not Path(value).is_absolute():
+        data[key] = os.path.normpath(folder / value)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

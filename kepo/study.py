@@ -95,9 +95,16 @@ class StudyWarmup(_Model):
 
 
 class StudyMethod(_Model):
-    """One compared method: a name and the run-config overrides that make it."""
+    """One compared method: a name, the method file it runs (configs/methods/), and overrides."""
 
     name: str = _f("Method name (part of the run ids).", pattern=r"^[A-Za-z0-9_-]+$")
+    method: Path | None = _f(
+        "The method's run config (e.g. methods/kepo-tau1.yaml, relative to the study file): its "
+        "algorithm, gate, exploration and thinking mode define the method; the study's "
+        "base_config is layered over it as the scale, then the study's overrides, then this "
+        "method's. Unset: the method is base_config plus its overrides.",
+        default=None,
+    )
     overrides: dict[str, Any] = _f(
         "Run-config overrides (nested mappings or dotted keys) on top of the study's.",
         default_factory=dict,
@@ -193,7 +200,9 @@ def _read_study_file(path: Path) -> dict[str, Any]:
     """One study file merged over its `base:` chain; base_config made relative to each file."""
     if not path.is_file():
         raise StudyError(f"{path}: no such study file; pass one such as configs/study-tiny.yaml")
-    return read_layered_yaml(path, error=StudyError, relative_keys=("base_config",))
+    return read_layered_yaml(
+        path, error=StudyError, relative_keys=("base_config", "methods[].method")
+    )
 
 
 def load_study(path: str | Path, *, workdir: str | Path | None = None) -> StudyConfig:
@@ -222,6 +231,13 @@ def load_study(path: str | Path, *, workdir: str | Path | None = None) -> StudyC
             f"{path}: base_config {study.base_config} does not exist; fix the path "
             "(it is relative to the study file that sets it)"
         )
+    for method in study.methods:
+        if method.method is not None and not method.method.is_file():
+            raise StudyError(
+                f"{path}: methods.{method.name}.method {method.method} does not exist; fix the "
+                "path (it is relative to the study file that sets it), e.g. "
+                "methods/kepo-tau1.yaml"
+            )
     checks = [("overrides", study.overrides, RESERVED_KEYS)] + [
         (f"methods.{m.name}.overrides", m.overrides, METHOD_RESERVED_KEYS) for m in study.methods
     ]
@@ -254,6 +270,29 @@ def model_dirs(study: StudyConfig) -> dict[str, Path]:
     from kepo.demo import model_dirs as demo_model_dirs
 
     return demo_model_dirs(study.workdir)
+
+
+# What a method file defines; the study's scale (base_config) must leave these to the method.
+METHOD_DEFINING_KEYS = (
+    "algorithm.name",
+    "algorithm.gkd_lambda",
+    "algorithm.distill.gate.tau",
+    "rollout.exploration.enabled",
+    "prompts.thinking",
+)
+
+
+def scale_overrides(study: StudyConfig) -> dict[str, Any]:
+    """base_config as dotted overrides laid over a method file (the run id is the study's); a
+    key that defines the method is refused rather than silently overriding it."""
+    layer = flatten_overrides(read_layered_yaml(study.base_config, error=StudyError))
+    for key in layer:
+        if key in METHOD_DEFINING_KEYS:
+            raise StudyError(
+                f"{study.base_config}: sets {key!r}, which the study's method files define; "
+                "remove it from the scale config (set it in a method's overrides instead)"
+            )
+    return {k: v for k, v in layer.items() if k != "run_id"}
 
 
 def shared_overrides(study: StudyConfig) -> dict[str, Any]:
@@ -298,7 +337,12 @@ def plan_runs(study: StudyConfig) -> list[PlannedRun]:
                     "role": "method",
                 },
             }
-            plan.append(PlannedRun(run_id, str(study.base_config), overrides))
+            if method.method is None:
+                plan.append(PlannedRun(run_id, str(study.base_config), overrides))
+            else:
+                # method x scale: the method file, then base_config as the scale overlay.
+                overrides = {**scale_overrides(study), **overrides}
+                plan.append(PlannedRun(run_id, str(method.method), overrides))
     for planned in plan:
         try:
             load_config(planned.config_path, overrides=planned.overrides)

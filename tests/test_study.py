@@ -77,6 +77,43 @@ def test_study_tiny_makes_the_in_domain_modality_harder() -> None:
     assert d.lesion_scale < default.lesion_scale and d.distractors > default.distractors
 
 
+@pytest.mark.parametrize("path", [STUDY_TINY, STUDY_CI])
+def test_each_study_method_is_its_method_file_at_the_demo_scale(path: Path, tmp_path: Path) -> None:
+    """Method x scale: what defines a method comes from its configs/methods/ file, the sizes and
+    optimiser from the study's scale (demo/_common.yaml), so the study never redefines a method."""
+    study = load_study(path, workdir=tmp_path / "w")
+    scale = load_config(study.base_config)
+    by_name = {m.name: m for m in study.methods}
+    for planned in plan_runs(study):
+        method = by_name[planned.run_id.split("-", 2)[2].rsplit("-s", 1)[0]]
+        assert method.method is not None and method.method.parent.name == "methods"
+        paper = load_config(method.method)
+        cfg = load_config(planned.config_path, overrides=planned.overrides)
+        assert cfg.algorithm.name == paper.algorithm.name
+        assert cfg.algorithm.gkd_lambda == paper.algorithm.gkd_lambda
+        assert cfg.algorithm.distill.gate.tau == paper.algorithm.distill.gate.tau
+        assert cfg.rollout.exploration.enabled == paper.rollout.exploration.enabled
+        assert cfg.prompts.thinking == paper.prompts.thinking
+        # ...and the scale's settings, not the paper's GPU ones.
+        assert cfg.train.learning_rate == scale.train.learning_rate != paper.train.learning_rate
+        assert cfg.models.device == "cpu" and cfg.train.mixed_precision == "no"
+        assert cfg.data.source == "bundled" and cfg.data.root is None
+
+
+def test_a_scale_that_sets_a_method_defining_key_is_refused(tmp_path: Path) -> None:
+    scale = tmp_path / "scale.yaml"
+    scale.write_text(
+        f"base: {REPO / 'configs' / 'demo' / '_common.yaml'}\nalgorithm:\n  name: grpo\n"
+    )
+    methods = [{"name": "kepo", "method": str(REPO / "configs" / "methods" / "kepo-tau1.yaml")}]
+    study = load_study(_write(tmp_path, base_config=str(scale), methods=methods))
+    with pytest.raises(StudyError, match=r"sets 'algorithm\.name', which the study's method files"):
+        plan_runs(study)
+    missing = [{"name": "kepo", "method": "methods/nowhere.yaml"}]
+    with pytest.raises(StudyError, match=r"methods\.kepo\.method .*nowhere\.yaml does not exist"):
+        load_study(_write(tmp_path, methods=missing))
+
+
 def _write(tmp_path: Path, **changes) -> Path:
     data = yaml.safe_load(STUDY_CI.read_text())
     data.pop("base")
