@@ -235,14 +235,23 @@ class Store:
     def _ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
         for table in STORE_TABLES.values():
             con.execute(table.duckdb_ddl())
-        # A database written before a nullable column was declared gets it added (NULL).
-        present = set(
-            con.execute("SELECT table_name, column_name FROM information_schema.columns").fetchall()
-        )
+        # A database written before a nullable column was declared gets it added (NULL), and a
+        # column declared NOT NULL then and nullable now loses the constraint.
+        present = {
+            (table_name, column_name): is_nullable == "YES"
+            for table_name, column_name, is_nullable in con.execute(
+                "SELECT table_name, column_name, is_nullable FROM information_schema.columns"
+            ).fetchall()
+        }
         for table in STORE_TABLES.values():
             for col in table.columns:
-                if col.nullable and (table.name, col.name) not in present:
+                if not col.nullable:
+                    continue
+                key = (table.name, col.name)
+                if key not in present:
                     con.execute(f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.duckdb_type}")
+                elif not present[key]:
+                    con.execute(f"ALTER TABLE {table.name} ALTER COLUMN {col.name} DROP NOT NULL")
         _ensure_comments(con)
 
     def initialize(self) -> None:

@@ -290,3 +290,33 @@ def test_the_console_documents_every_rollouts_column(tmp_path: Path) -> None:
 
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert rows == [{"column_name": c.name, "comment": c.description} for c in ROLLOUTS.columns]
+
+
+def test_an_older_database_loses_not_null_on_columns_declared_nullable_since(
+    tmp_path: Path,
+) -> None:
+    """prompts.n_policy_correct / max_trigger_reward were NOT NULL in earlier databases; a prompt
+    that never rolled out (SFT, GKD λ = 0) has neither, so writing it must work after opening."""
+    import duckdb
+
+    from schemas.tables import PROMPTS, STORE_TABLES
+
+    path = tmp_path / "kepo.duckdb"
+    con = duckdb.connect(str(path))  # as an earlier kepo created the tables
+    for table in STORE_TABLES.values():
+        con.execute(table.duckdb_ddl())
+    for name in ("n_policy_correct", "max_trigger_reward"):
+        assert PROMPTS.column(name).nullable
+        con.execute(f"ALTER TABLE prompts ALTER COLUMN {name} SET NOT NULL")
+    con.close()
+    Store(path).initialize()
+    con = duckdb.connect(str(path), read_only=True)
+    nullable = dict(
+        con.execute(
+            "SELECT column_name, is_nullable FROM information_schema.columns "
+            "WHERE table_name = 'prompts' AND column_name IN "
+            "('n_policy_correct', 'max_trigger_reward')"
+        ).fetchall()
+    )
+    con.close()
+    assert nullable == {"n_policy_correct": "YES", "max_trigger_reward": "YES"}
