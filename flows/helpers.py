@@ -3,8 +3,15 @@ Prefect UI, and the markdown artifacts of an iteration.
 
 - `writer_slot(workdir)`: a Prefect global concurrency limit of 1 named after the database file
   (`kepo-writer-<hash of its path>`, created on first use), held while a stage runs, so two flow
-  runs (served, from a work pool, or `kepo run`) never write the same DuckDB file at once; runs
-  on different databases do not wait for each other. `prefect gcl ls` lists the limits.
+  runs (served, from a work pool, or `kepo run` against that API) never write the same DuckDB
+  file at once; runs on different databases do not wait for each other. `prefect gcl ls` lists
+  the limits. The slot is a lease the holder renews: a holder killed with kill -9 stops
+  renewing, and the server's repossessor service gives the slot back once the lease (60 s) has
+  expired. `database_writer(db)` takes it around every stage task, except on kepo's own
+  temporary API (`flows.server`), which is Prefect's ephemeral server: it runs no repossessor,
+  and its lease records die with it while the slot counts persist in PREFECT_HOME's database,
+  so a killed `kepo run` would leave the slot taken for good. There the store's stage lease
+  (`stages.lease_owner`), which every stage takes anyway, is the one-writer guard.
 - `forward_kepo_logs()`: the `kepo` loggers also send their records to the Prefect API, so the
   flow run's page shows the library's lines (what PREFECT_LOGGING_EXTRA_LOGGERS=kepo does when
   it is set before Prefect starts; flows/__init__.py sets that default too).
@@ -18,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +63,27 @@ def writer_slot(workdir: str | Path) -> Iterator[None]:
     _ensure_limit(name)
     # A lease renewed while the holder lives (60 s is the server minimum; the default is 300 s).
     with concurrency(name, occupy=1, strict=True, lease_duration=60):
+        yield
+
+
+def api_reclaims_leases() -> bool:
+    """Whether the Prefect API in use gives back the slot of a killed holder: any API but kepo's
+    own temporary one (`flows.server.temporary_api`) and no API at all."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.server import TEMPORARY_API_ENV
+
+    url = PREFECT_API_URL.value()
+    return bool(url) and url != os.environ.get(TEMPORARY_API_ENV)
+
+
+@contextlib.contextmanager
+def database_writer(db: str | Path) -> Iterator[None]:
+    """Hold the writer slot of database file `db` when the API reclaims leases (see above)."""
+    if not api_reclaims_leases():
+        yield
+        return
+    with writer_slot(Path(db).parent):
         yield
 
 
@@ -97,7 +126,9 @@ def publish_iteration_artifacts(workdir: str | Path, run_id: str, iteration: int
 
 
 __all__ = [
+    "api_reclaims_leases",
     "artifact_key",
+    "database_writer",
     "forward_kepo_logs",
     "publish_iteration_artifacts",
     "writer_limit_name",

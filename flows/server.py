@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+# Set to the temporary API's URL while `temporary_api()` runs (read by flows.helpers).
+TEMPORARY_API_ENV = "KEPO_TEMPORARY_PREFECT_API"
 
 
 def _die_with_parent(parent: int) -> None:  # runs in the child between fork and exec
@@ -112,6 +114,8 @@ def temporary_api() -> Iterator[str | None]:
         return
     proc, url = start_server()
     atexit.register(stop_server, proc)
+    previous = os.environ.get(TEMPORARY_API_ENV)
+    os.environ[TEMPORARY_API_ENV] = url
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             try:
@@ -119,6 +123,10 @@ def temporary_api() -> Iterator[str | None]:
             finally:
                 _drain_logs()
     finally:
+        if previous is None:
+            os.environ.pop(TEMPORARY_API_ENV, None)
+        else:
+            os.environ[TEMPORARY_API_ENV] = previous
         stop_server(proc)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import task
 
+from flows.helpers import database_writer
 from flows.runners import fail_once
 from kepo.config import load_config
 from kepo.pipeline import PlannedStage, execute, run_stage, shard_dir
@@ -24,11 +25,10 @@ def open_run(db: str, run_id: str) -> Run:
 
 
 def _execute(db: str, run_id: str, planned: PlannedStage) -> Any:
-    """Run one stage (the store lease of `kepo.pipeline.run_stage` keeps one writer per stage).
-
-    Not wrapped in `flows.helpers.writer_slot`: a Prefect concurrency slot held by a process
-    that is killed (kill -9) was not released by the server, so the rerun waited forever."""
-    return execute(open_run(db, run_id), planned)
+    """Run one stage holding the database's writer slot (`flows.helpers.database_writer`; the
+    store lease of `kepo.pipeline.run_stage` keeps one writer per stage in any case)."""
+    with database_writer(db):
+        return execute(open_run(db, run_id), planned)
 
 
 @task(name="curate", task_run_name="curate-{run_id}")
@@ -69,12 +69,13 @@ def commit_task(db: str, run_id: str, iteration: int, shard_dirs: list[str]) -> 
     from kepo.pipeline import commit_rollout
 
     run = open_run(db, run_id)
-    run_stage(
-        run,
-        iteration,
-        "rollout",
-        lambda: commit_rollout(run, iteration, [Path(d) for d in shard_dirs]),
-    )
+    with database_writer(db):
+        run_stage(
+            run,
+            iteration,
+            "rollout",
+            lambda: commit_rollout(run, iteration, [Path(d) for d in shard_dirs]),
+        )
     return len(shard_dirs)
 
 
