@@ -76,6 +76,17 @@ def test_keep_settings_are_validated() -> None:
     assert load_config(path, {"train.keep_versions": [3, 2, 3]}).train.keep_versions == [2, 3]
 
 
+def test_keep_settings_can_change_on_a_registered_run_but_save_dtype_cannot() -> None:
+    from kepo.run import changed_settings, invalidated_stages
+
+    path = CONFIGS / "tiny" / "grpo-thinking.yaml"
+    base = load_config(path)
+    keep = load_config(path, {"train.keep_checkpoints": 2, "train.keep_versions": [1]})
+    assert changed_settings(base, keep) == {}  # they change no stored row
+    dtype = load_config(path, {"train.save_dtype": "bfloat16"})  # the weights change
+    assert invalidated_stages(changed_settings(base, dtype)) == ("rollout", "train", "evaluate")
+
+
 def test_versions_to_keep_by_hand() -> None:
     versions = [1, 2, 3, 4, 5]
     assert versions_to_keep(versions, keep_checkpoints=None) == {1, 2, 3, 4, 5}
