@@ -117,14 +117,19 @@ def prune_checkpoints(run: Run, *, needed: Iterable[int] = ()) -> PruneResult:
         path.unlink(missing_ok=True)
     for folder in delete_folders:
         shutil.rmtree(folder, ignore_errors=True)
-    if result.pruned or result.optimizer_removed:
+    removed = [
+        f"{what} of version(s) {', '.join(map(str, versions))}"
+        for what, versions in (
+            ("the optimizer state", result.optimizer_removed),
+            ("the folder (train.keep_checkpoints)", result.pruned),
+        )
+        if versions
+    ]
+    if removed:
         log.info(
-            "run %s: removed the optimizer state of version(s) %s and the folders of version(s) "
-            "%s (%.1f MB freed; train.keep_checkpoints = %s)",
+            "run %s: removed %s; %.1f MB freed",
             run.run_id,
-            result.optimizer_removed or "none",
-            result.pruned or "none",
+            " and ".join(removed),
             result.bytes_freed / 1e6,
-            cfg.keep_checkpoints,
         )
     return result
