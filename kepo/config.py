@@ -535,13 +535,49 @@ class TrainConfig(_Section):
         ge=1,
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("Accelerate mixed precision.", "no")
-    save_optimizer: bool = _f("Save optimizer and scheduler state with each checkpoint.", True)
+    save_optimizer: bool = _f(
+        "Save the optimizer and scheduler state (optimizer.pt) with the newest checkpoint, so "
+        "the next iteration continues AdamW; an older version's optimizer.pt is deleted once a "
+        "newer version is recorded (its checkpoints.optimizer_path becomes NULL).",
+        True,
+    )
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "dtype of the saved model weights. auto = the training dtype: bfloat16/float16 under "
+        "train.mixed_precision bf16/fp16, else models.dtype (float32 in the CPU configs). "
+        "Below the float32 the trainer holds, optimizer.pt of the newest version also keeps the "
+        "float32 master weights and the next iteration resumes from them (from the saved "
+        "weights when there is no optimizer.pt).",
+        "auto",
+    )
+    keep_checkpoints: int | None = _f(
+        "Keep the newest N policy folders of the run (None = keep all); an older one is deleted "
+        "after a newer version is recorded, unless it is in keep_versions or the run still has "
+        "to evaluate it. Its checkpoints row stays, with pruned_at set. Version 0 (the initial "
+        "student) is never a run's folder and is never deleted.",
+        None,
+        ge=1,
+    )
+    keep_versions: list[int] = _f(
+        "Policy versions never pruned by keep_checkpoints (e.g. the evaluated ones to keep).",
+        default_factory=list,
+    )
     sft_epochs: int = _f("SFT: passes over the iteration's prompts' targets.", 1, ge=1)
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = _f(
         "Also export per-step training metrics and evaluation accuracies to these trackers "
         "(tensorboard: offline event files in <workdir>/tensorboard; see kepo/tracking.py).",
         default_factory=list,
     )
+
+    @field_validator("keep_versions")
+    @classmethod
+    def _versions_positive(cls, versions: list[int]) -> list[int]:
+        bad = [v for v in versions if v < 1]
+        if bad:
+            raise ValueError(
+                f"keep_versions {bad}: policy versions start at 1 (version 0, the initial "
+                "student, is never pruned); drop them"
+            )
+        return sorted(set(versions))
 
     def warmup_steps_for(self, total_steps: int) -> int:
         """Warm-up steps in effect: warmup_steps, else ceil(warmup_ratio x total_steps)."""

@@ -36,6 +36,7 @@ logits that predict `completion_ids[b, t]` (the usual shift by one), computed wi
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -426,10 +427,12 @@ def save_model(
     out_dir: str | Path,
     *,
     extra: Mapping[str, Any] | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Path:
     """Write `model` as a complete Hugging Face folder `out_dir`, visible only when complete.
 
-    The weights via `save_pretrained`, the processor/tokenizer files of `source_dir` copied
+    The weights via `save_pretrained` (cast to `dtype` when given, the model itself untouched;
+    config.json then names that dtype), the processor/tokenizer files of `source_dir` copied
     verbatim, and `extra` ({file name: object}) with torch.save; all into a temporary sibling
     folder (named after this process, so two writers never share it) renamed to `out_dir` at
     the end. An existing `out_dir` is replaced.
@@ -443,7 +446,17 @@ def save_model(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        target = resolve_dtype(dtype) if dtype is not None else None
+        if target is None or all(p.dtype == target for p in model.parameters()):
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(
+                tmp, safe_serialization=True, state_dict=cast_state_dict(model, target)
+            )
+            config_file = tmp / "config.json"
+            config = json.loads(config_file.read_text())
+            config["dtype"] = str(target).removeprefix("torch.")
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for src in sorted(Path(source_dir).iterdir()):
             name = src.name
             if (
@@ -462,6 +475,24 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def cast_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's state dict with floating tensors cast to `dtype` on the CPU; tensors that
+    share storage (tied embeddings) stay shared, and modules the model keeps in float32
+    (`_keep_in_fp32_modules`) stay float32."""
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or any(m in name.split(".") for m in keep_fp32):
+            out[name] = tensor
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in cast:
+            cast[key] = tensor.detach().to(device="cpu", dtype=dtype)
+        out[name] = cast[key]
+    return out
 
 
 def load_policy(

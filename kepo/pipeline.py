@@ -20,7 +20,12 @@ Every entry point (`kepo run`, the Prefect flows and deployment, `kepo rollout`,
 - records running / succeeded / failed, replacing a stale `failed` row,
 - trusts a `succeeded` stage on resume only when its outputs exist (`is_done`): the curated
   files still match their manifest, the rollout's prompts rows, the checkpoint folder the
-  `checkpoints` row points to, and evaluation rows of the same weights.
+  `checkpoints` row points to, and evaluation rows of the same weights (a version pruned by
+  train.keep_checkpoints counts as done: it was pruned only once a newer one existed and its
+  evaluation, if planned, had been checked against its weights),
+- after a train or evaluate stage succeeds, applies the run's checkpoint keep rules
+  (`kepo.checkpoints`): only the newest version keeps optimizer state, and with
+  train.keep_checkpoints older folders the plan no longer needs are deleted.
 
 No Prefect here; `flows/` wraps these functions in tasks.
 """
@@ -121,7 +126,39 @@ def run_stage(run: Run, iteration: int, stage: StageName, fn: Callable[[], Any])
         log.error("run %s: stage %s of iteration %d failed: %s", run.run_id, stage, iteration, err)
         raise
     run.store.set_stage(run.run_id, iteration, stage, "succeeded")
+    if stage in ("train", "evaluate"):
+        prune_after_stage(run)
     return result
+
+
+def versions_to_evaluate(run: Run) -> set[int]:
+    """Recorded policy versions the run's plan evaluates whose evaluation is not done yet."""
+    rows = run.store.read("checkpoints", {"run_id": run.run_id}, columns=["iteration", "pruned_at"])
+    return {
+        v
+        for v, pruned in zip(
+            rows.column("iteration").to_pylist(), rows.column("pruned_at").to_pylist(), strict=True
+        )
+        if pruned is None
+        and evaluates_after(run, v - 1)
+        and (
+            run.store.stage_status(run.run_id, v, "evaluate") != "succeeded"
+            or missing_outputs(run, v, "evaluate") is not None
+        )
+    }
+
+
+def prune_after_stage(run: Run) -> None:
+    """Apply train.save_optimizer / keep_checkpoints once a stage has succeeded (kepo.checkpoints).
+
+    After the stage is recorded, so a kill never leaves a stage to redo without the state it
+    resumes from; a failure here is logged and retried after the next stage."""
+    from kepo.checkpoints import prune_checkpoints
+
+    try:
+        prune_checkpoints(run, needed=versions_to_evaluate(run))
+    except (OSError, StoreError) as err:
+        log.warning("run %s: pruning old checkpoints failed (%s); retried later", run.run_id, err)
 
 
 def is_done(run: Run, iteration: int, stage: StageName) -> bool:
@@ -151,9 +188,12 @@ def missing_outputs(run: Run, iteration: int, stage: StageName) -> str | None:
     if stage == "rollout":
         return None if run.store.count("prompts", key) else "its prompts rows are gone"
     if stage == "train":
-        folder = run.recorded_checkpoint(iteration + 1)
-        if folder is None:
+        row = run.checkpoint_row(iteration + 1)
+        if row is None:
             return f"no checkpoints row for policy version {iteration + 1}"
+        if row["pruned_at"] is not None:
+            return None  # deleted by train.keep_checkpoints once a newer version was recorded
+        folder = run.resolve(row["path"])
         if not (folder / "config.json").is_file():
             return f"its checkpoint folder {folder} is missing or incomplete"
         return None
@@ -161,6 +201,9 @@ def missing_outputs(run: Run, iteration: int, stage: StageName) -> str | None:
         rows = run.store.read("eval_predictions", key, columns=["model_sha256"])
         if not rows.num_rows:
             return "its eval_predictions rows are gone"
+        row = run.checkpoint_row(iteration) if iteration > 0 else None
+        if row is not None and row["pruned_at"] is not None:
+            return None  # checked against the weights before they were pruned (never after)
         try:
             current = model_fingerprint(run.policy_path(iteration))
         except StoreError:

@@ -41,6 +41,8 @@ HARMLESS_SETTINGS = (
     "eval.batch_size",
     "eval.every",
     "data.image_workers",
+    "train.keep_checkpoints",
+    "train.keep_versions",
 )
 # Which stages' stored rows a changed setting invalidates (first matching prefix wins).
 _INVALIDATES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -67,6 +69,10 @@ _PATH_FIELDS = (
 
 class SettingsChanged(StoreError):
     """A rerun's settings contradict rows the run has stored."""
+
+
+class CheckpointPruned(StoreError):
+    """A policy version's folder was deleted by train.keep_checkpoints (its row stays)."""
 
 
 @dataclass
@@ -203,12 +209,28 @@ class Run:
         return candidate
 
     def recorded_checkpoint(self, version: int) -> Path | None:
-        """The folder the `checkpoints` row of `version` points to (None without a row)."""
+        """The folder the `checkpoints` row of `version` points to (None without a row).
+
+        A pruned version's row still names its (deleted) folder; `policy_path` refuses it."""
+        row = self.checkpoint_row(version)
+        return None if row is None else self.resolve(row["path"])
+
+    def checkpoint_row(self, version: int) -> dict[str, Any] | None:
+        """The `checkpoints` row of `version` (None without one)."""
         rows = self.store.read("checkpoints", {"run_id": self.run_id, "iteration": version})
-        if not rows.num_rows:
-            return None
-        path = Path(rows.column("path")[0].as_py())
+        return rows.to_pylist()[0] if rows.num_rows else None
+
+    def resolve(self, stored: str | Path) -> Path:
+        """A path as stored in a row: relative paths are inside the workdir."""
+        path = Path(stored)
         return path if path.is_absolute() else self.workdir / path
+
+    def relative(self, path: Path) -> str:
+        """`path` as a row stores it: relative to the workdir when inside it."""
+        try:
+            return str(Path(path).resolve().relative_to(self.workdir.resolve()))
+        except ValueError:
+            return str(path)
 
     def owns(self, path: Path) -> bool:
         """Whether `path` lies inside this run's workdir (only such folders are ever removed)."""
@@ -222,13 +244,22 @@ class Run:
         """Model folder of policy `version` (0 = the initial student)."""
         if version == 0:
             return Path(self.config.models.student)
-        path = self.recorded_checkpoint(version)
-        if path is None:
+        row = self.checkpoint_row(version)
+        if row is None:
             raise StoreError(
                 f"run {self.run_id}: no checkpoint for policy version {version}; "
                 f"run the training stage of iteration {version - 1} first"
             )
-        return path
+        if row.get("pruned_at") is not None:
+            rows = self.store.read("checkpoints", {"run_id": self.run_id}).to_pylist()
+            kept = [r["iteration"] for r in rows if r["pruned_at"] is None]
+            raise CheckpointPruned(
+                f"run {self.run_id}: policy version {version} was pruned by "
+                f"train.keep_checkpoints on {row['pruned_at']:%Y-%m-%d %H:%M} UTC (its row stays, "
+                f"its weights are gone; kept versions: {kept or 'none'}); use a kept version, "
+                f"or retrain under a new run_id with train.keep_versions: [{version}]"
+            )
+        return self.resolve(row["path"])
 
     def latest_policy_version(self) -> int:
         rows = (
@@ -266,25 +297,37 @@ class Run:
         return open_backend(self.config, role, path, purpose=purpose)
 
     def record_checkpoint(
-        self, version: int, path: Path, *, optimizer_path: Path | None, n_params: int
+        self,
+        version: int,
+        path: Path,
+        *,
+        optimizer_path: Path | None,
+        n_params: int,
+        weights_dtype: str | None = None,
     ) -> None:
-        """Register policy `version` (paths stored relative to the workdir when inside it)."""
-
-        def rel(p: Path) -> str:
-            try:
-                return str(Path(p).resolve().relative_to(self.workdir.resolve()))
-            except ValueError:
-                return str(p)
-
+        """Register policy `version` (paths stored relative to the workdir when inside it), with
+        the bytes its folder and its optimizer state take on disk."""
         row = {
             "run_id": self.run_id,
             "iteration": version,
-            "path": rel(path),
-            "optimizer_path": rel(optimizer_path) if optimizer_path else None,
+            "path": self.relative(path),
+            "optimizer_path": self.relative(optimizer_path) if optimizer_path else None,
             "created_at": utcnow(),
             "n_params": n_params,
+            "weights_dtype": weights_dtype,
+            "bytes_on_disk": folder_bytes(path),
+            "optimizer_bytes": Path(optimizer_path).stat().st_size if optimizer_path else None,
+            "pruned_at": None,
         }
         self.store.overwrite_partition("checkpoints", [row], self.run_id, version)
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes of the files under `folder` (0 when it does not exist)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 # ------------------------------------------------------------------------------ models

@@ -51,17 +51,25 @@ gradient norm is not finite is skipped (gradients zeroed) and recorded as skippe
 
 State continuity. The AdamW moments (and step counts) of iteration k − 1 are loaded from
 version k's `optimizer.pt` when it exists, so the optimizer continues across iterations as one
-run; without it (version 0, or save_optimizer off) AdamW starts fresh. With mixed precision the
-student trains and is saved in float32 (master weights: a bf16 copy would round updates of
-lr 2e-6 away); the rollout/evaluation stages cast it to `models.dtype` on load.
+run; without it (version 0, save_optimizer off, or a version that is no longer the newest: only
+the newest keeps its optimizer.pt, see `kepo.checkpoints`) AdamW starts fresh. With mixed
+precision the student trains in float32 (master weights: bf16 weights would round updates of
+lr 2e-6 away). The weights are saved in `train.save_dtype` (auto = the training dtype: bf16
+under mixed_precision bf16, 4.3 GB for a 2B model instead of 8.5 GB). When that is below the
+float32 the trainer holds, `optimizer.pt` also stores the float32 master weights, and the next
+iteration resumes from them, so the small updates are not lost; a version without optimizer.pt
+resumes from its saved (rounded) weights, with a warning. The rollout/evaluation stages cast the
+weights to `models.dtype` on load.
 
 Outputs (main process only): version k + 1 in `run.new_checkpoint_dir(k + 1)` (`policy-NNNN`,
 or `policy-NNNN-2`, ... beside a recorded copy) — the model via `save_pretrained`, the
 processor/tokenizer files copied byte for byte from version k's folder (the image-only
 processor kepo builds without torchvision would otherwise write a processor class only kepo
 knows), `optimizer.pt` when train.save_optimizer — then `train_steps` of iteration k
-(replacing any earlier attempt) and the `checkpoints` row of version k + 1, and only then is
-the previously recorded folder removed (write new, record, remove old).
+(replacing any earlier attempt) and the `checkpoints` row of version k + 1 (with its dtype and
+bytes on disk), and only then is the previously recorded folder of version k + 1 removed (write
+new, record, remove old). Older versions' optimizer state and folders (train.keep_checkpoints)
+are removed by the stage runner once the stage is recorded as succeeded (`kepo.checkpoints`).
 
 Several processes: `accelerate launch --multi_gpu --num_processes N -m kepo.train --db FILE
 --run R --iteration K` (GPUs; also on a CPU-only machine, where models.device: cpu makes every
@@ -86,6 +94,7 @@ from typing import Any, Literal
 import torch
 
 from kepo.algorithms import spec_for
+from kepo.checkpoints import OPTIMIZER_FILE
 from kepo.chunked import OnlineTeacher, TopkTeacher, align_open_rows, chunked_head_terms
 from kepo.config import RunConfig
 from kepo.losses import token_logprobs
@@ -97,6 +106,7 @@ from kepo.models import (
     completion_mask_of,
     load_policy,
     resolve_device,
+    resolve_dtype,
     save_model,
     teacher_placement,
 )
@@ -124,7 +134,6 @@ LOSS_PARTS: tuple[LossPart, ...] = ("loss_pg", "loss_kl", "loss_distill", "loss_
 TOKEN_METRICS = ("clipfrac", "approx_kl", "entropy")
 # Token metrics every algorithm reports (the others only the policy-gradient ones).
 ALL_ALGORITHM_METRICS = ("entropy",)
-OPTIMIZER_FILE = "optimizer.pt"
 
 
 class TrainingDataError(ValueError):
@@ -479,15 +488,34 @@ def _train_dtype(cfg: RunConfig) -> str:
     return "float32" if cfg.train.mixed_precision != "no" else cfg.models.dtype
 
 
+def checkpoint_dtype(cfg: RunConfig) -> str:
+    """train.save_dtype resolved: auto = the mixed-precision dtype, else models.dtype."""
+    if cfg.train.save_dtype != "auto":
+        return cfg.train.save_dtype
+    mixed = {"bf16": "bfloat16", "fp16": "float16"}
+    return mixed.get(cfg.train.mixed_precision, cfg.models.dtype)
+
+
+def loses_precision(held: torch.dtype, saved: torch.dtype) -> bool:
+    """Whether casting `held` floats to `saved` rounds (finer steps) or clips (smaller range)."""
+    a, b = torch.finfo(held), torch.finfo(saved)
+    return b.eps > a.eps or b.max < a.max
+
+
 def _previous_optimizer_state(run: Run, iteration: int) -> Path | None:
     """optimizer.pt saved with policy version `iteration`, if any."""
     if iteration == 0 or not run.config.train.save_optimizer:
         return None
-    rows = run.store.read("checkpoints", {"run_id": run.run_id, "iteration": iteration}).to_pylist()
-    if not rows or not rows[0]["optimizer_path"]:
+    row = run.checkpoint_row(iteration)
+    if row is None or not row["optimizer_path"]:
+        log.warning(
+            "policy version %d has no optimizer state (only the newest version keeps it): "
+            "AdamW starts fresh from the saved %s weights",
+            iteration,
+            (row or {}).get("weights_dtype") or "",
+        )
         return None
-    path = Path(rows[0]["optimizer_path"])
-    path = path if path.is_absolute() else run.workdir / path
+    path = run.resolve(row["optimizer_path"])
     return path if path.is_file() else None
 
 
@@ -862,6 +890,14 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
         device=accelerator.device,
         attn_implementation=cfg.models.attn_implementation,
     )
+    previous = _previous_optimizer_state(run, iteration)
+    previous_state = (
+        torch.load(previous, map_location="cpu", weights_only=True) if previous else None
+    )
+    if previous_state is not None and "master_weights" in previous_state:
+        # the float32 weights the previous iteration ended with (the folder holds a rounded copy)
+        model.load_state_dict(previous_state["master_weights"])
+        log.info("resumed from the float32 master weights in %s", previous)
     tokenizer = getattr(processor, "tokenizer", processor)
     data = load_training_data(run, iteration, tokenizer)
 
@@ -891,11 +927,10 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
         betas=tuple(cfg.train.adam_betas),
         weight_decay=cfg.train.weight_decay,
     )
-    previous = _previous_optimizer_state(run, iteration)
-    if previous is not None:
-        state = torch.load(previous, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+    if previous_state is not None:
+        optimizer.load_state_dict(previous_state["optimizer"])
         log.info("loaded AdamW state of version %d from %s", iteration, previous)
+    del previous_state
     model, optimizer = accelerator.prepare(model, optimizer)
 
     n_proc = accelerator.num_processes
@@ -947,6 +982,14 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
     version = iteration + 1
     if accelerator.is_main_process:
         last_global = step_rows[-1]["global_step"] if step_rows else iteration * nominal - 1
+        trained = accelerator.unwrap_model(model).eval()
+        save_dtype = checkpoint_dtype(cfg)
+        # Saved below the precision trained in: optimizer.pt keeps the exact weights to resume.
+        lossy = any(
+            p.is_floating_point() and loses_precision(p.dtype, resolve_dtype(save_dtype))
+            for p in trained.parameters()
+        )
+        master = {"master_weights": trained.state_dict()} if lossy else {}
         optimizer_state = (
             {
                 "optimizer": optimizer.state_dict(),
@@ -957,6 +1000,7 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
                     "last_global_step": last_global,
                 },
                 "iteration": iteration,
+                **master,
             }
             if cfg.train.save_optimizer
             else None
@@ -965,14 +1009,21 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
         # complete folder (a rerun writes beside the recorded copy, never over it).
         previous_dir = run.recorded_checkpoint(version)
         out_dir = save_model(
-            accelerator.unwrap_model(model).eval(),
+            trained,
             policy_dir,
             run.new_checkpoint_dir(version),
             extra={OPTIMIZER_FILE: optimizer_state} if optimizer_state is not None else None,
+            dtype=save_dtype,
         )
         optimizer_path = out_dir / OPTIMIZER_FILE if optimizer_state is not None else None
         run.store.overwrite_partition("train_steps", step_rows, run.run_id, iteration)
-        run.record_checkpoint(version, out_dir, optimizer_path=optimizer_path, n_params=n_params)
+        run.record_checkpoint(
+            version,
+            out_dir,
+            optimizer_path=optimizer_path,
+            n_params=n_params,
+            weights_dtype=save_dtype,
+        )
         export_train_steps(trackers, step_rows)
         if previous_dir is not None and previous_dir != out_dir and run.owns(previous_dir):
             shutil.rmtree(previous_dir, ignore_errors=True)

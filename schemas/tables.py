@@ -421,9 +421,47 @@ CHECKPOINTS = Table(
         Col(
             "path", "string", "Hugging Face model folder (relative to the workdir when inside it)."
         ),
-        Col("optimizer_path", "string", "Optimizer/scheduler state file.", nullable=True),
+        Col(
+            "optimizer_path",
+            "string",
+            "Optimizer/scheduler state file (with float32 master weights when the weights are "
+            "saved in a lower precision); NULL once a newer version is recorded (only the newest "
+            "keeps it) or with train.save_optimizer off.",
+            nullable=True,
+        ),
         Col("created_at", "timestamp", "When it was written (UTC)."),
         Col("n_params", "int64", "Trainable parameters.", ge=0),
+        Col(
+            "weights_dtype",
+            "string",
+            "dtype of the saved weights (train.save_dtype resolved); NULL on rows written before "
+            "it was recorded.",
+            nullable=True,
+            isin=("float32", "bfloat16", "float16"),
+        ),
+        Col(
+            "bytes_on_disk",
+            "int64",
+            "Bytes of the checkpoint folder now, optimizer state included (updated when the "
+            "optimizer state is removed; 0 once pruned); NULL on rows written before it was "
+            "recorded.",
+            nullable=True,
+            ge=0,
+        ),
+        Col(
+            "optimizer_bytes",
+            "int64",
+            "Bytes of the optimizer state file while it exists, else NULL.",
+            nullable=True,
+            ge=0,
+        ),
+        Col(
+            "pruned_at",
+            "timestamp",
+            "When train.keep_checkpoints deleted the folder (UTC); NULL while it exists. The row "
+            "stays for audits; the weights are gone.",
+            nullable=True,
+        ),
     ),
 )
 
