@@ -701,3 +701,77 @@ def completion_token_logprobs(
     mask = completion_mask_of(batch)
     logprobs = gather_token_logprobs(logits, batch["completion_ids"])
     return logprobs * mask, mask
+
+
+# ------------------------------------------------------------------------------ shared images
+def _image_encoder(model: Any) -> Any | None:
+    """The model's `get_image_features` (through any DDP wrapper), or None when it has none."""
+    inner = model.module if hasattr(model, "module") else model
+    return getattr(getattr(inner, "model", None), "get_image_features", None)
+
+
+def image_features_for_rows(
+    model: Any,
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    image_of_row: Sequence[int],
+) -> Any | None:
+    """Encode each image of `pixel_values` / `image_grid_thw` (n_images, 3) ONCE and hand row b
+    the features of image `image_of_row[b]` (rows with no image left out of the list).
+
+    Returns the vision tower's output object with its per-image tuples (`pooler_output`, and
+    `deepstack_features` per layer) re-indexed from images to rows, for the forward's
+    `mm_encoder_outputs={"image": ...}` argument; rows that share an image share one tensor,
+    so under autograd the gradient of that encoding sums over the rows, as the gradients of
+    per-row encodings would. None when the model takes no precomputed features.
+    """
+    encode = _image_encoder(model)
+    if encode is None:
+        return None
+    features = encode(pixel_values, image_grid_thw, return_dict=True)
+    features.pooler_output = tuple(features.pooler_output[i] for i in image_of_row)
+    features.deepstack_features = [
+        tuple(layer[i] for i in image_of_row) for layer in features.deepstack_features
+    ]
+    return features
+
+
+def image_patch_slices(image_grid_thw: torch.Tensor) -> list[slice]:
+    """The rows of `pixel_values` that belong to each image (n_images slices, in order)."""
+    slices, start = [], 0
+    for n in image_grid_thw.prod(-1).tolist():  # pixel rows per image
+        slices.append(slice(start, start + n))
+        start += n
+    return slices
+
+
+def vision_once_per_image(
+    model: Any, batch: dict[str, Any], image_keys: Sequence[str]
+) -> dict[str, Any]:
+    """Run the vision tower once per distinct image of a batch, not once per row.
+
+    The G rows of a prompt carry the same image: its patches are encoded once and the features
+    (and the deepstack features) are handed to every row through the model's
+    `mm_encoder_outputs` argument (`image_features_for_rows`). `image_keys[b]` names row b's
+    image (its prompt id). The batch comes back unchanged when no image repeats, when some row
+    has no image, or when the model takes no precomputed features.
+    """
+    grid = batch.get("image_grid_thw")
+    if (
+        grid is None
+        or "pixel_values" not in batch
+        or _image_encoder(model) is None
+        or grid.shape[0] != len(image_keys)
+        or len(set(image_keys)) == len(image_keys)
+    ):
+        return batch
+    first_row: dict[str, int] = {}
+    source = [first_row.setdefault(key, row) for row, key in enumerate(image_keys)]  # row -> row
+    distinct = sorted(first_row.values())
+    patches = image_patch_slices(grid)
+    pixels = torch.cat([batch["pixel_values"][patches[r]] for r in distinct])
+    slot = {row: i for i, row in enumerate(distinct)}
+    features = image_features_for_rows(model, pixels, grid[distinct], [slot[r] for r in source])
+    out = {k: v for k, v in batch.items() if k != "pixel_values"}
+    out["mm_encoder_outputs"] = {"image": features}
+    return out

@@ -99,6 +99,7 @@ from kepo.models import (
     resolve_device,
     save_model,
     teacher_placement,
+    vision_once_per_image,
 )
 from kepo.objectives import (
     ObjectiveOutput,
@@ -538,49 +539,6 @@ class _Context:
             if hidden:
                 return completion_hidden(self.teacher, batch)
             return completion_logits(self.teacher, batch)
-
-
-def vision_once_per_image(
-    model: Any, batch: dict[str, Any], image_keys: Sequence[str]
-) -> dict[str, Any]:
-    """Run the vision tower once per distinct image of a batch, not once per row.
-
-    The G rows of a prompt carry the same image: its patches are encoded once and the features
-    (and the deepstack features) are handed to every row through the model's
-    `mm_encoder_outputs` argument, so the gradient of the shared encoding sums over the rows,
-    as the per-row encodings' gradients would. `image_keys[b]` names row b's image (its prompt
-    id). The batch comes back unchanged when no image repeats, when some row has no image, or
-    when the model takes no precomputed features.
-    """
-    grid = batch.get("image_grid_thw")
-    inner = model.module if hasattr(model, "module") else model
-    vision = getattr(getattr(inner, "model", None), "get_image_features", None)
-    if (
-        grid is None
-        or "pixel_values" not in batch
-        or vision is None
-        or grid.shape[0] != len(image_keys)
-        or len(set(image_keys)) == len(image_keys)
-    ):
-        return batch
-    first_row = {}
-    source = [first_row.setdefault(key, row) for row, key in enumerate(image_keys)]  # row -> row
-    distinct = sorted(first_row.values())
-    patches = grid.prod(-1).tolist()  # pixel rows per image
-    offsets = [0]
-    for n in patches:
-        offsets.append(offsets[-1] + n)
-    pixels = torch.cat([batch["pixel_values"][offsets[r] : offsets[r + 1]] for r in distinct])
-    features = vision(pixels, grid[distinct], return_dict=True)
-    slot = {row: i for i, row in enumerate(distinct)}
-    # the same output object, its per-image tuples re-indexed from distinct images to rows
-    features.pooler_output = tuple(features.pooler_output[slot[r]] for r in source)
-    features.deepstack_features = [
-        tuple(layer[slot[r]] for r in source) for layer in features.deepstack_features
-    ]
-    out = {k: v for k, v in batch.items() if k != "pixel_values"}
-    out["mm_encoder_outputs"] = {"image": features}
-    return out
 
 
 def _padded(values: Sequence[Sequence[float] | None], width: int, device: Any) -> torch.Tensor:
