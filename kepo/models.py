@@ -586,16 +586,25 @@ def build_sequence_batch(
     completion_ids_list: Sequence[Sequence[int]],
     *,
     pad_to_multiple_of: int | None = None,
+    prompt_of_row: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prompt + completion rows in the layout of the module docstring (CPU tensors).
 
     Tc is the longest completion, raised so that P + Tc is a multiple of `pad_to_multiple_of`
     when given. Completions must not contain vision placeholder tokens (they would be read as
     image slots by the forward pass).
+
+    `prompt_of_row`: when given, `messages_list` / `images` are the DISTINCT prompts and row b
+    (completion b) takes prompt `prompt_of_row[b]`; each prompt is then rendered, tokenised and
+    its image processed once, and the rows get the same tensors as passing every row's own
+    prompt would give (the G rows of a prompt share one).
     """
-    if len(completion_ids_list) != len(messages_list):
-        raise ValueError(f"{len(messages_list)} prompts but {len(completion_ids_list)} completions")
+    n_rows = len(messages_list) if prompt_of_row is None else len(prompt_of_row)
+    if len(completion_ids_list) != n_rows:
+        raise ValueError(f"{n_rows} prompts but {len(completion_ids_list)} completions")
     prompt = build_prompt_inputs(processor, messages_list, images, padding_side="left")
+    if prompt_of_row is not None:
+        prompt = _prompt_rows(prompt, [image is not None for image in images], prompt_of_row)
     pad_id = pad_token_id(processor)
     forbidden = set(vision_token_ids(processor))
     vocab_limit = len(_tokenizer(processor))
@@ -632,6 +641,19 @@ def build_sequence_batch(
         if key in prompt:
             batch[key] = prompt[key]
     return batch
+
+
+def _prompt_rows(prompt: Any, has_image: Sequence[bool], prompt_of_row: Sequence[int]) -> dict:
+    """Inputs of distinct prompts (`has_image[p]`: prompt p has an image) handed to rows."""
+    rows = torch.as_tensor(list(prompt_of_row), dtype=torch.long)
+    out = {k: v[rows] for k, v in prompt.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "image_grid_thw" in prompt:
+        image_of_prompt = np.cumsum(has_image) - 1  # prompt -> its image among the processed
+        images = [int(image_of_prompt[p]) for p in prompt_of_row if has_image[p]]
+        patches = image_patch_slices(prompt["image_grid_thw"])
+        out["image_grid_thw"] = prompt["image_grid_thw"][images]
+        out["pixel_values"] = torch.cat([prompt["pixel_values"][patches[i]] for i in images])
+    return out
 
 
 def _forward_parameters(model: Any) -> set[str]:
