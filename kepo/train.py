@@ -41,8 +41,12 @@ The student's head. For grpo/rloo/kepo the forward stops at the final hidden sta
 `kepo.chunked` turns them into per-token log-probs and the gated divergence in blocks of at
 most `train.logits_chunk_elements` logits (the teacher likewise hands over hidden states), so
 the (B, T, V) logits never exist at once; `train.logits_chunk_elements: null` computes them
-whole. The G rows of a prompt share its image: the vision tower encodes each distinct image
-of a micro-batch once (`vision_once_per_image`).
+whole. The G rows of a prompt share its prompt and image: each distinct prompt of a micro-batch
+is rendered and its image processed once (`build_sequence_batch(prompt_of_row=...)`), the
+vision tower encodes each distinct image once (`vision_once_per_image`), and, on the chunked
+path, the prompt tokens run through the model once per prompt, the completions of its G rows
+on top of its key/value cache (`shared_prompt_hidden`; the one-pass forward under DDP or with
+activation checkpointing) - the same values within float rounding (tests compare).
 
 AdamW (lr, betas, weight decay); learning rate from `learning_rate_at` over the run's nominal
 optimizer steps (cfg.iterations × `nominal_steps_per_iteration`), global step = k × nominal +

@@ -3,13 +3,18 @@
 Batching: every request is expanded into `sampling.n` rows (request-major: request 0 samples
 0..n-1, then request 1, ...), and the rows are cut into chunks of `generation_batch_size`; each
 chunk is ONE `model.generate` call with left-padded prompts. No Python loop runs per sample.
+The n rows of a request share its prompt: each distinct request of a chunk is rendered,
+tokenised and its image processed and encoded by the vision tower ONCE, and the rows get its
+ids and its image features (`mm_encoder_outputs`, `kepo.models.image_features_for_rows`), the
+same tensors as per-row inputs, so the tokens and log-probs do not change (a test compares).
 
 Sampling: `generate` runs greedy (`do_sample=False`) and `SeededSampler`, a logits processor,
 makes the choice. For each row it suppresses the vision control tokens (an untrained model
 samples `<|image_pad|>`, which breaks the next forward pass) and any id past the tokenizer's
 vocabulary, blocks the stop tokens before `min_new_tokens`, applies temperature, top-k and
 top-p, and draws the token by inverse-CDF sampling: in the row's ids sorted by probability
-(one sort serves top-k, top-p and the draw), the row's uniform u ∈ [0, 1) of this step picks
+(one stable sort serves top-k, top-p and the draw; on CPU `sort_descending_stable`, a SIMD
+sort of int64 keys with the same result as torch's stable sort, several times faster), the row's uniform u ∈ [0, 1) of this step picks
 the first id whose cumulative probability (float64) exceeds u times the kept mass — an exact
 sample of the truncated distribution. Each row's uniforms come from
 its own `torch.Generator` (seeded with `sample_seed(request.seed, sample_idx)`), all
