@@ -647,7 +647,7 @@ def shared_prompt_hidden(
     source = [first_row.setdefault(key, row) for row, key in enumerate(prompt_keys)]
     distinct = sorted(first_row.values())
     slot = {row: i for i, row in enumerate(distinct)}
-    rows = torch.tensor([slot[r] for r in source], device=batch["input_ids"].device)  # (B,)
+    rows = torch.tensor([slot[r] for r in source])  # (B,) on the CPU: indexes any device
     ids, attention = batch["input_ids"], batch["attention_mask"]  # (B, P + Tc)
     width = batch["completion_ids"].shape[1]
     prompt = ids.shape[1] - width
