@@ -727,8 +727,11 @@ def completion_token_logprobs(
 
 # ------------------------------------------------------------------------------ shared images
 def _image_encoder(model: Any) -> Any | None:
-    """The model's `get_image_features` (through any DDP wrapper), or None when it has none."""
+    """The model's `get_image_features` (through any DDP wrapper), or None when it has none or
+    its forward takes no precomputed features (`mm_encoder_outputs`)."""
     inner = model.module if hasattr(model, "module") else model
+    if "mm_encoder_outputs" not in _forward_parameters(inner):
+        return None
     return getattr(getattr(inner, "model", None), "get_image_features", None)
 
 

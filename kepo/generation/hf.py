@@ -14,8 +14,9 @@ samples `<|image_pad|>`, which breaks the next forward pass) and any id past the
 vocabulary, blocks the stop tokens before `min_new_tokens`, applies temperature, top-k and
 top-p, and draws the token by inverse-CDF sampling: in the row's ids sorted by probability
 (one stable sort serves top-k, top-p and the draw; on CPU `sort_descending_stable`, a SIMD
-sort of int64 keys with the same result as torch's stable sort, several times faster), the row's uniform u ∈ [0, 1) of this step picks
-the first id whose cumulative probability (float64) exceeds u times the kept mass — an exact
+sort of int64 keys with the same result as torch's stable sort, several times faster), the
+row's uniform u ∈ [0, 1) of this step picks the first id whose cumulative probability
+(float64) exceeds u times the kept mass — an exact
 sample of the truncated distribution. Each row's uniforms come from
 its own `torch.Generator` (seeded with `sample_seed(request.seed, sample_idx)`), all
 `max_new_tokens` of them drawn once when the chunk starts; every step is then one vectorised
