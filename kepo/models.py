@@ -617,16 +617,25 @@ def build_sequence_batch(
     completion_ids_list: Sequence[Sequence[int]],
     *,
     pad_to_multiple_of: int | None = None,
+    prompt_of_row: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prompt + completion rows in the layout of the module docstring (CPU tensors).
 
     Tc is the longest completion, raised so that P + Tc is a multiple of `pad_to_multiple_of`
     when given. Completions must not contain vision placeholder tokens (they would be read as
     image slots by the forward pass).
+
+    `prompt_of_row`: when given, `messages_list` / `images` are the DISTINCT prompts and row b
+    (completion b) takes prompt `prompt_of_row[b]`; each prompt is then rendered, tokenised and
+    its image processed once, and the rows get the same tensors as passing every row's own
+    prompt would give (the G rows of a prompt share one).
     """
-    if len(completion_ids_list) != len(messages_list):
-        raise ValueError(f"{len(messages_list)} prompts but {len(completion_ids_list)} completions")
+    n_rows = len(messages_list) if prompt_of_row is None else len(prompt_of_row)
+    if len(completion_ids_list) != n_rows:
+        raise ValueError(f"{n_rows} prompts but {len(completion_ids_list)} completions")
     prompt = build_prompt_inputs(processor, messages_list, images, padding_side="left")
+    if prompt_of_row is not None:
+        prompt = _prompt_rows(prompt, [image is not None for image in images], prompt_of_row)
     pad_id = pad_token_id(processor)
     forbidden = set(vision_token_ids(processor))
     vocab_limit = len(_tokenizer(processor))
@@ -663,6 +672,19 @@ def build_sequence_batch(
         if key in prompt:
             batch[key] = prompt[key]
     return batch
+
+
+def _prompt_rows(prompt: Any, has_image: Sequence[bool], prompt_of_row: Sequence[int]) -> dict:
+    """Inputs of distinct prompts (`has_image[p]`: prompt p has an image) handed to rows."""
+    rows = torch.as_tensor(list(prompt_of_row), dtype=torch.long)
+    out = {k: v[rows] for k, v in prompt.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "image_grid_thw" in prompt:
+        image_of_prompt = np.cumsum(has_image) - 1  # prompt -> its image among the processed
+        images = [int(image_of_prompt[p]) for p in prompt_of_row if has_image[p]]
+        patches = image_patch_slices(prompt["image_grid_thw"])
+        out["image_grid_thw"] = prompt["image_grid_thw"][images]
+        out["pixel_values"] = torch.cat([prompt["pixel_values"][patches[i]] for i in images])
+    return out
 
 
 def _forward_parameters(model: Any) -> set[str]:
@@ -732,3 +754,80 @@ def completion_token_logprobs(
     mask = completion_mask_of(batch)
     logprobs = gather_token_logprobs(logits, batch["completion_ids"])
     return logprobs * mask, mask
+
+
+# ------------------------------------------------------------------------------ shared images
+def _image_encoder(model: Any) -> Any | None:
+    """The model's `get_image_features` (through any DDP wrapper), or None when it has none or
+    its forward takes no precomputed features (`mm_encoder_outputs`)."""
+    inner = model.module if hasattr(model, "module") else model
+    if "mm_encoder_outputs" not in _forward_parameters(inner):
+        return None
+    return getattr(getattr(inner, "model", None), "get_image_features", None)
+
+
+def image_features_for_rows(
+    model: Any,
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    image_of_row: Sequence[int],
+) -> Any | None:
+    """Encode each image of `pixel_values` / `image_grid_thw` (n_images, 3) ONCE and hand row b
+    the features of image `image_of_row[b]` (rows with no image left out of the list).
+
+    Returns the vision tower's output object with its per-image tuples (`pooler_output`, and
+    `deepstack_features` per layer) re-indexed from images to rows, for the forward's
+    `mm_encoder_outputs={"image": ...}` argument; rows that share an image share one tensor,
+    so under autograd the gradient of that encoding sums over the rows, as the gradients of
+    per-row encodings would. None when the model takes no precomputed features.
+    """
+    encode = _image_encoder(model)
+    if encode is None:
+        return None
+    features = encode(pixel_values, image_grid_thw, return_dict=True)
+    features.pooler_output = tuple(features.pooler_output[i] for i in image_of_row)
+    features.deepstack_features = [
+        tuple(layer[i] for i in image_of_row) for layer in features.deepstack_features
+    ]
+    return features
+
+
+def image_patch_slices(image_grid_thw: torch.Tensor) -> list[slice]:
+    """The rows of `pixel_values` that belong to each image (n_images slices, in order)."""
+    slices, start = [], 0
+    for n in image_grid_thw.prod(-1).tolist():  # pixel rows per image
+        slices.append(slice(start, start + n))
+        start += n
+    return slices
+
+
+def vision_once_per_image(
+    model: Any, batch: dict[str, Any], image_keys: Sequence[str]
+) -> dict[str, Any]:
+    """Run the vision tower once per distinct image of a batch, not once per row.
+
+    The G rows of a prompt carry the same image: its patches are encoded once and the features
+    (and the deepstack features) are handed to every row through the model's
+    `mm_encoder_outputs` argument (`image_features_for_rows`). `image_keys[b]` names row b's
+    image (its prompt id). The batch comes back unchanged when no image repeats, when some row
+    has no image, or when the model takes no precomputed features.
+    """
+    grid = batch.get("image_grid_thw")
+    if (
+        grid is None
+        or "pixel_values" not in batch
+        or _image_encoder(model) is None
+        or grid.shape[0] != len(image_keys)
+        or len(set(image_keys)) == len(image_keys)
+    ):
+        return batch
+    first_row: dict[str, int] = {}
+    source = [first_row.setdefault(key, row) for row, key in enumerate(image_keys)]  # row -> row
+    distinct = sorted(first_row.values())
+    patches = image_patch_slices(grid)
+    pixels = torch.cat([batch["pixel_values"][patches[r]] for r in distinct])
+    slot = {row: i for i, row in enumerate(distinct)}
+    features = image_features_for_rows(model, pixels, grid[distinct], [slot[r] for r in source])
+    out = {k: v for k, v in batch.items() if k != "pixel_values"}
+    out["mm_encoder_outputs"] = {"image": features}
+    return out

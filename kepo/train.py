@@ -41,8 +41,12 @@ The student's head. For grpo/rloo/kepo the forward stops at the final hidden sta
 `kepo.chunked` turns them into per-token log-probs and the gated divergence in blocks of at
 most `train.logits_chunk_elements` logits (the teacher likewise hands over hidden states), so
 the (B, T, V) logits never exist at once; `train.logits_chunk_elements: null` computes them
-whole. The G rows of a prompt share its image: the vision tower encodes each distinct image
-of a micro-batch once (`vision_once_per_image`).
+whole. The G rows of a prompt share its prompt and image: each distinct prompt of a micro-batch
+is rendered and its image processed once (`build_sequence_batch(prompt_of_row=...)`), the
+vision tower encodes each distinct image once (`vision_once_per_image`), and, on the chunked
+path, the prompt tokens run through the model once per prompt, the completions of its G rows
+on top of its key/value cache (`shared_prompt_hidden`; the one-pass forward under DDP or with
+activation checkpointing) - the same values within float rounding (tests compare).
 
 AdamW (lr, betas, weight decay); learning rate from `learning_rate_at` over the run's nominal
 optimizer steps (cfg.iterations × `nominal_steps_per_iteration`), global step = k × nominal +
@@ -82,6 +86,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import math
 import shutil
@@ -104,11 +109,13 @@ from kepo.models import (
     build_sequence_batch,
     completion_logits,
     completion_mask_of,
+    image_patch_slices,
     load_policy,
     resolve_device,
     resolve_dtype,
     save_model,
     teacher_placement,
+    vision_once_per_image,
 )
 from kepo.objectives import (
     ObjectiveOutput,
@@ -537,14 +544,20 @@ class _Context:
 
     def sequences(self, rows: Sequence[TrainRow], processor: Any) -> dict[str, torch.Tensor]:
         thinking = self.cfg.prompts.thinking
+        distinct = list(dict.fromkeys(r.prompt_id for r in rows))  # each prompt rendered once
+        slot = {prompt_id: i for i, prompt_id in enumerate(distinct)}
         messages = [
-            build_messages(self.data.items[r.prompt_id], "train", thinking=thinking) for r in rows
+            build_messages(self.data.items[prompt_id], "train", thinking=thinking)
+            for prompt_id in distinct
         ]
-        images = [self.questions.image(r.prompt_id) for r in rows]
-        batch = build_sequence_batch(
-            processor, messages, images, [list(r.completion_ids) for r in rows]
+        images = [self.questions.image(prompt_id) for prompt_id in distinct]
+        return build_sequence_batch(
+            processor,
+            messages,
+            images,
+            [list(r.completion_ids) for r in rows],
+            prompt_of_row=[slot[r.prompt_id] for r in rows],
         )
-        return batch
 
     def student_batch(self, rows: Sequence[TrainRow]) -> dict[str, Any]:
         dtype = next(self.model.parameters()).dtype
@@ -562,53 +575,12 @@ class _Context:
             self.sequences(rows, self.teacher_processor), self.accelerator.device, dtype
         )
         with self.accelerator.autocast():
-            batch = vision_once_per_image(self.teacher, batch, [r.prompt_id for r in rows])
+            keys = [r.prompt_id for r in rows]
+            batch = vision_once_per_image(self.teacher, batch, keys)
             if hidden:
-                return completion_hidden(self.teacher, batch)
+                shared = shared_prompt_hidden(self.teacher, batch, keys)
+                return completion_hidden(self.teacher, batch) if shared is None else shared
             return completion_logits(self.teacher, batch)
-
-
-def vision_once_per_image(
-    model: Any, batch: dict[str, Any], image_keys: Sequence[str]
-) -> dict[str, Any]:
-    """Run the vision tower once per distinct image of a batch, not once per row.
-
-    The G rows of a prompt carry the same image: its patches are encoded once and the features
-    (and the deepstack features) are handed to every row through the model's
-    `mm_encoder_outputs` argument, so the gradient of the shared encoding sums over the rows,
-    as the per-row encodings' gradients would. `image_keys[b]` names row b's image (its prompt
-    id). The batch comes back unchanged when no image repeats, when some row has no image, or
-    when the model takes no precomputed features.
-    """
-    grid = batch.get("image_grid_thw")
-    inner = model.module if hasattr(model, "module") else model
-    vision = getattr(getattr(inner, "model", None), "get_image_features", None)
-    if (
-        grid is None
-        or "pixel_values" not in batch
-        or vision is None
-        or grid.shape[0] != len(image_keys)
-        or len(set(image_keys)) == len(image_keys)
-    ):
-        return batch
-    first_row = {}
-    source = [first_row.setdefault(key, row) for row, key in enumerate(image_keys)]  # row -> row
-    distinct = sorted(first_row.values())
-    patches = grid.prod(-1).tolist()  # pixel rows per image
-    offsets = [0]
-    for n in patches:
-        offsets.append(offsets[-1] + n)
-    pixels = torch.cat([batch["pixel_values"][offsets[r] : offsets[r + 1]] for r in distinct])
-    features = vision(pixels, grid[distinct], return_dict=True)
-    slot = {row: i for i, row in enumerate(distinct)}
-    # the same output object, its per-image tuples re-indexed from distinct images to rows
-    features.pooler_output = tuple(features.pooler_output[slot[r]] for r in source)
-    features.deepstack_features = [
-        tuple(layer[slot[r]] for r in source) for layer in features.deepstack_features
-    ]
-    out = {k: v for k, v in batch.items() if k != "pixel_values"}
-    out["mm_encoder_outputs"] = {"image": features}
-    return out
 
 
 def _padded(values: Sequence[Sequence[float] | None], width: int, device: Any) -> torch.Tensor:
@@ -670,6 +642,101 @@ def completion_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tenso
         inner.lm_head = head
 
 
+def shared_prompt_hidden(
+    model: Any, batch: dict[str, Any], prompt_keys: Sequence[str]
+) -> torch.Tensor | None:
+    """`completion_hidden(model, batch)` with each distinct prompt run through the model ONCE.
+
+    The G rows of a prompt share its P prompt tokens, and under the causal mask the prompt's
+    hidden states and keys/values do not depend on the completion. So the prompt of each
+    distinct key (`prompt_keys[b]` names row b's prompt) is run once, with a key/value cache;
+    the cache is indexed out to the B rows (autograd sums the rows' gradients into it) and
+    the completion tokens of every row run on top of it. The positions (Qwen3-VL's 3-D rope)
+    are those the one-pass forward computes (`get_rope_index` on the whole batch), sliced, so
+    the result equals the one-pass forward within float rounding. The position predicting the
+    first completion token is the prompt's last one, shared by the rows.
+
+    None (the caller runs the one-pass forward) when no prompt repeats, when rows with one key
+    differ in their prompt tokens, when some row has no image while others do, under a DDP
+    wrapper (two forwards per backward) or with gradient checkpointing (no cache in training).
+    """
+    inner = getattr(model, "model", None)
+    rope_index = getattr(inner, "get_rope_index", None)
+    if (
+        hasattr(model, "module")
+        or inner is None
+        or rope_index is None
+        or getattr(model, "is_gradient_checkpointing", False)
+        or len(set(prompt_keys)) == len(prompt_keys)
+        or len(prompt_keys) != batch["input_ids"].shape[0]
+    ):
+        return None
+    first_row: dict[str, int] = {}
+    source = [first_row.setdefault(key, row) for row, key in enumerate(prompt_keys)]
+    distinct = sorted(first_row.values())
+    slot = {row: i for i, row in enumerate(distinct)}
+    rows = torch.tensor([slot[r] for r in source])  # (B,) on the CPU: indexes any device
+    ids, attention = batch["input_ids"], batch["attention_mask"]  # (B, P + Tc)
+    width = batch["completion_ids"].shape[1]
+    prompt = ids.shape[1] - width
+    same = torch.tensor(source, device=ids.device)
+    if not (
+        torch.equal(ids[:, :prompt], ids[same, :prompt])
+        and torch.equal(attention[:, :prompt], attention[same, :prompt])
+    ):
+        return None
+    grid = batch.get("image_grid_thw")
+    encoded = batch.get("mm_encoder_outputs")
+    prompt_inputs: dict[str, Any] = {}
+    if grid is not None:
+        if grid.shape[0] != len(prompt_keys):
+            return None
+        prompt_inputs["image_grid_thw"] = grid[distinct]
+        if encoded is not None:
+            prompt_inputs["mm_encoder_outputs"] = {
+                "image": _features_of_rows(encoded["image"], distinct)
+            }
+        else:
+            patches = image_patch_slices(grid)
+            prompt_inputs["pixel_values"] = torch.cat(
+                [batch["pixel_values"][patches[r]] for r in distinct]
+            )
+    position_ids, _ = rope_index(
+        ids,
+        image_grid_thw=grid,
+        attention_mask=attention,
+        mm_token_type_ids=batch.get("mm_token_type_ids"),
+    )  # (3, B, P + Tc), as the one-pass forward computes them
+    head = inner(
+        input_ids=ids[distinct, :prompt],
+        attention_mask=attention[distinct, :prompt],
+        position_ids=position_ids[:, distinct, :prompt],
+        use_cache=True,
+        **prompt_inputs,
+    )
+    cache = head.past_key_values if hasattr(head, "past_key_values") else head.cache
+    cache.batch_select_indices(rows)  # (n_prompts, ...) -> (B, ...), differentiable
+    tail = inner(
+        input_ids=ids[:, prompt:],
+        attention_mask=attention,
+        position_ids=position_ids[:, :, prompt:],
+        cache=cache,
+        use_cache=False,
+    )
+    last_prompt = head.last_hidden_state[rows, -1:]  # (B, 1, H): predicts completion token 0
+    return torch.cat([last_prompt, tail.last_hidden_state[:, :-1]], dim=1)  # (B, Tc, H)
+
+
+def _features_of_rows(features: Any, rows: Sequence[int]) -> Any:
+    """A copy of vision features whose per-row tuples keep only `rows`."""
+    out = copy.copy(features)
+    out.pooler_output = tuple(features.pooler_output[r] for r in rows)
+    out.deepstack_features = [
+        tuple(layer[r] for r in rows) for layer in features.deepstack_features
+    ]
+    return out
+
+
 def _lm_head_weight(model: Any) -> torch.Tensor:
     inner = model.module if hasattr(model, "module") else model
     if getattr(inner.lm_head, "bias", None) is not None:
@@ -718,7 +785,14 @@ def _student_terms(
             )
         return logprobs, divergence, entropy
 
-    hidden = completion_hidden(ctx.model, batch)  # (B, T, H)
+    # The shared-prompt forward calls the inner model, past the autocast and fp32-output
+    # wrapper `accelerator.prepare` puts on the student's forward; it gets the same here.
+    with ctx.accelerator.autocast():
+        hidden = shared_prompt_hidden(ctx.model, batch, [r.prompt_id for r in rows])
+    if hidden is None:
+        hidden = completion_hidden(ctx.model, batch)  # (B, T, H)
+    elif ctx.accelerator.mixed_precision != "no":
+        hidden = hidden.float()
     teacher: OnlineTeacher | TopkTeacher | None = None
     if distilled and distill.mode == "online":
         teacher_hidden = ctx.teacher_logits(open_rows, hidden=True)  # (n_open, T', H_T)

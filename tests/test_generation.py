@@ -10,7 +10,14 @@ import torch
 from PIL import Image
 
 from kepo.generation import GenerationRequest, SamplingParams, make_backend, sample_seed
-from kepo.generation.hf import HFBackend, SeededSampler, inverse_cdf_sample, truncate
+from kepo.generation import hf as hf_module
+from kepo.generation.hf import (
+    HFBackend,
+    SeededSampler,
+    inverse_cdf_sample,
+    sort_descending_stable,
+    truncate,
+)
 from kepo.models import build_prompt_inputs, model_inputs, vision_token_ids
 from kepo.prompts import PromptItem, build_messages
 from kepo.tiny import build_tiny
@@ -215,6 +222,51 @@ def test_inverse_cdf_sample_by_hand():
     # top-p 0.8 keeps {0, 3} (mass 0.8): u splits it 0.5 / 0.3 of 0.8
     assert draw([0.0, 0.62, 0.63, 0.99], top_p=0.8).tolist() == [0, 0, 3, 3]
     assert draw([0.0, 0.99, 0.5, 0.7], top_k=1).tolist() == [0, 0, 0, 0]
+
+
+def test_sort_descending_stable_equals_torch_stable_sort():
+    """The CPU int64-key sort gives torch.sort(descending, stable)'s values and order exactly,
+    ties (bf16-rounded logits), -inf, +inf, -0.0 beside +0.0, and NaN (torch's path) included."""
+    torch.manual_seed(0)
+    for trial in range(50):
+        logits = (torch.randn(6, 257) * 4).to(torch.bfloat16).float()  # many exact ties
+        logits[:, 3] = -math.inf
+        logits[:, 10], logits[:, 11], logits[:, 13] = -0.0, 0.0, -0.0
+        logits[:, 12] = math.inf if trial % 5 == 0 else 1.0
+        if trial == 7:
+            logits[2, 40] = math.nan
+        values, order = sort_descending_stable(logits)
+        expected = torch.sort(logits, dim=-1, descending=True, stable=True)
+        assert torch.equal(order, expected.indices), trial
+        assert torch.equal(values.nan_to_num(), expected.values.nan_to_num()), trial
+        assert torch.equal(values.signbit(), expected.values.signbit()), trial
+
+
+def test_each_image_is_encoded_once_and_the_tokens_equal_the_per_row_path(backend, monkeypatch):
+    """The n rows of a request share its image: the vision tower sees each distinct image once
+    (not once per row), and the tokens and log-probs equal those of the path that hands every
+    row its own copy of the pixels (encoded per row inside generate), bit for bit."""
+    requests = _requests()  # three images (one request without)
+    patches_seen: list[int] = []
+    handle = backend.model.model.visual.register_forward_hook(
+        lambda module, args, output: patches_seen.append(args[0].shape[0])
+    )
+    try:
+        for sampling in (SAMPLING, SamplingParams(n=3, temperature=0.0, max_new_tokens=6)):
+            patches_seen.clear()
+            once = backend.generate(requests, sampling)
+            once_patches = sum(patches_seen)
+            patches_seen.clear()
+            with monkeypatch.context() as patch:  # the model gets pixels per row instead
+                patch.setattr(hf_module, "image_features_for_rows", lambda *a, **k: None)
+                per_row = backend.generate(requests, sampling)
+            assert sum(patches_seen) == sampling.n * once_patches > 0
+            assert _tokens(once) == _tokens(per_row)
+            assert [[c.logprobs for c in r] for r in once] == [
+                [c.logprobs for c in r] for r in per_row
+            ]
+    finally:
+        handle.remove()
 
 
 def test_greedy_ignores_seeds(backend):

@@ -273,3 +273,33 @@ def test_bad_rows_are_rejected_with_the_row_named(student):
     image_pad = vision_token_ids(processor)[0]
     with pytest.raises(ValueError, match="completion row 0 holds token"):
         build_sequence_batch(processor, messages, [_image(0)], [[5, image_pad]])
+
+
+def test_prompt_of_row_gives_the_tensors_of_one_prompt_per_row(student):
+    """Rendering each distinct prompt once and handing it to its rows gives exactly the batch
+    that rendering every row's own prompt gives (images, a text-only prompt, any row order)."""
+    _, processor = student
+    messages = [
+        build_messages(ITEMS[0], "train"),
+        build_messages(ITEMS[1], "train", with_image=False),
+        build_messages(ITEMS[2], "train"),
+    ]
+    images = [_image(0), None, _image(2, (96, 80))]
+    prompt_of_row = [2, 0, 1, 2, 0, 0, 1]
+    completions = [[40 + row] * (1 + row % 3) for row in range(len(prompt_of_row))]
+    shared = build_sequence_batch(
+        processor, messages, images, completions, prompt_of_row=prompt_of_row
+    )
+    per_row = build_sequence_batch(
+        processor,
+        [messages[p] for p in prompt_of_row],
+        [images[p] for p in prompt_of_row],
+        completions,
+    )
+    assert shared.keys() == per_row.keys()
+    for key, value in per_row.items():
+        assert torch.equal(shared[key], value), key
+    with pytest.raises(ValueError, match="7 prompts but 6 completions"):
+        build_sequence_batch(
+            processor, messages, images, completions[:6], prompt_of_row=prompt_of_row
+        )

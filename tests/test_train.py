@@ -245,6 +245,72 @@ def test_vision_once_per_image_equals_one_encoding_per_row(tiny_models) -> None:
     assert train_mod.vision_once_per_image(model, batch, ["a", "b", "c", "d"]) is batch
 
 
+def test_shared_prompt_forward_equals_the_one_pass_forward(tiny_models) -> None:
+    """Each distinct prompt runs once and the rows' completions run on its cached keys/values:
+    the completion hidden states and the gradients equal the one-pass forward's (prompts of
+    different lengths, left padding, rows in any order), with the prompt tokens embedded once
+    per prompt instead of once per row."""
+    import numpy as np
+    from PIL import Image
+
+    from kepo.models import build_sequence_batch, load_policy, vision_once_per_image
+    from kepo.prompts import PromptItem, build_messages
+
+    model, processor = load_policy(tiny_models[0], dtype="float32", device="cpu")
+    rng = np.random.default_rng(0)
+    items = [
+        PromptItem("q0", "Which finding?", ("a", "b"), "A"),
+        PromptItem(
+            "q1", "Which finding is shown in this longer question? (1)", ("a", "b", "c"), "A"
+        ),
+    ]
+    images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")) for _ in items]
+    keys = ["q1", "q0", "q1", "q0", "q0"]
+    completions = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16, 17]]
+    batch = build_sequence_batch(
+        processor,
+        [build_messages(items[int(k[1])], "train") for k in keys],
+        [images[int(k[1])] for k in keys],
+        completions,
+    )
+    assert batch["attention_mask"][:, 0].tolist().count(0) > 0  # some prompt is left-padded
+    shared_batch = vision_once_per_image(model, batch, keys)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weight = torch.randn((*batch["completion_ids"].shape, model.config.text_config.hidden_size))
+    embedded: list[int] = []
+    handle = model.model.language_model.embed_tokens.register_forward_hook(
+        lambda m, a, o: embedded.append(a[0].numel())
+    )
+
+    def run(forward):
+        model.zero_grad()
+        embedded.clear()
+        hidden = forward()
+        (hidden * weight * train_mod.completion_mask_of(batch)[..., None]).sum().backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        return hidden.detach(), grads, sum(embedded)
+
+    try:
+        one_pass, grads_one, tokens_one = run(lambda: train_mod.completion_hidden(model, batch))
+        shared, grads_shared, tokens_shared = run(
+            lambda: train_mod.shared_prompt_hidden(model, shared_batch, keys)
+        )
+    finally:
+        handle.remove()
+    prompt = batch["input_ids"].shape[1] - batch["completion_ids"].shape[1]
+    width = batch["completion_ids"].shape[1]
+    assert tokens_one == 5 * (prompt + width)
+    assert tokens_shared == 2 * prompt + 5 * width  # two prompts, five completions
+    mask = train_mod.completion_mask_of(batch).bool()
+    torch.testing.assert_close(shared[mask], one_pass[mask], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_shared, grads_one, strict=True):  # float rounding of other sums
+        assert float((a - b).norm()) <= 1e-5 * float(b.norm()) + 1e-8
+    assert any(float(b.norm()) > 0 for b in grads_one)
+    # not applicable: no prompt repeats, or two rows of one key with different prompts
+    assert train_mod.shared_prompt_hidden(model, batch, ["a", "b", "c", "d", "e"]) is None
+    assert train_mod.shared_prompt_hidden(model, batch, ["x", "x", "y", "y", "y"]) is None
+
+
 def test_optimizer_state_carries_over_between_iterations(tmp_path: Path, tiny_models) -> None:
     run = make_run(tiny_config("grpo-thinking", tmp_path, tiny_models))
     write_rollout_iteration(run, 0)

@@ -3,14 +3,20 @@
 Batching: every request is expanded into `sampling.n` rows (request-major: request 0 samples
 0..n-1, then request 1, ...), and the rows are cut into chunks of `generation_batch_size`; each
 chunk is ONE `model.generate` call with left-padded prompts. No Python loop runs per sample.
+The n rows of a request share its prompt: each distinct request of a chunk is rendered,
+tokenised and its image processed and encoded by the vision tower ONCE, and the rows get its
+ids and its image features (`mm_encoder_outputs`, `kepo.models.image_features_for_rows`), the
+same tensors as per-row inputs, so the tokens and log-probs do not change (a test compares).
 
 Sampling: `generate` runs greedy (`do_sample=False`) and `SeededSampler`, a logits processor,
 makes the choice. For each row it suppresses the vision control tokens (an untrained model
 samples `<|image_pad|>`, which breaks the next forward pass) and any id past the tokenizer's
 vocabulary, blocks the stop tokens before `min_new_tokens`, applies temperature, top-k and
 top-p, and draws the token by inverse-CDF sampling: in the row's ids sorted by probability
-(one sort serves top-k, top-p and the draw), the row's uniform u ∈ [0, 1) of this step picks
-the first id whose cumulative probability (float64) exceeds u times the kept mass — an exact
+(one stable sort serves top-k, top-p and the draw; on CPU `sort_descending_stable`, a SIMD
+sort of int64 keys with the same result as torch's stable sort, several times faster), the
+row's uniform u ∈ [0, 1) of this step picks the first id whose cumulative probability
+(float64) exceeds u times the kept mass — an exact
 sample of the truncated distribution. Each row's uniforms come from
 its own `torch.Generator` (seeded with `sample_seed(request.seed, sample_idx)`), all
 `max_new_tokens` of them drawn once when the chunk starts; every step is then one vectorised
@@ -41,6 +47,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from kepo.generation.base import (
@@ -56,6 +63,8 @@ from kepo.models import (
     build_prompt_inputs,
     build_sequence_batch,
     completion_logits,
+    image_features_for_rows,
+    image_patch_slices,
     input_device,
     load_model,
     load_policy,
@@ -174,7 +183,7 @@ def inverse_cdf_sample(
     or with probability 0 are never chosen.
     """
     vocab = logits.shape[-1]
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # (B, V)
+    sorted_logits, order = sort_descending_stable(logits)  # (B, V)
     if 0 < sampling.top_k < vocab:
         sorted_logits[:, sampling.top_k :] = float("-inf")
     probs = torch.softmax(sorted_logits.double(), dim=-1)  # (B, V)
@@ -184,6 +193,34 @@ def inverse_cdf_sample(
     target = uniforms.to(cdf.dtype)[:, None] * cdf.gather(1, last_kept)  # (B, 1)
     position = torch.searchsorted(cdf, target, right=True).clamp(max=vocab - 1)  # (B, 1)
     return order.gather(1, torch.minimum(position, last_kept)).squeeze(1)  # (B,)
+
+
+def sort_descending_stable(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.sort(logits, dim=-1, descending=True, stable=True)` of (B, V) float32 logits,
+    the same values and order, faster on CPU.
+
+    On CPU each logit becomes one distinct int64 key: the high 32 bits are the float's bit
+    pattern mapped to an integer that DEcreases as the value increases (sign-magnitude to
+    two's complement, then bitwise not), the low 32 bits its column. Distinct keys make any
+    sort stable, and NumPy sorts int64 with SIMD, several times faster than torch's CPU sort;
+    the column comes back from the low bits. -0.0 is keyed as +0.0 (they compare equal, so the
+    column breaks the tie, as in a stable sort). Other devices, other dtypes and rows with NaN
+    take `torch.sort`.
+    """
+    if (
+        logits.device.type != "cpu"
+        or logits.dtype != torch.float32
+        or logits.dim() != 2
+        or logits.shape[-1] >= 2**31
+        or bool(torch.isnan(logits).any())
+    ):
+        return torch.sort(logits, dim=-1, descending=True, stable=True)
+    bits = (logits.detach() + 0.0).numpy().view(np.int32).astype(np.int64)  # -0.0 -> +0.0
+    ordered = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # increases with the float value
+    keys = (~ordered << 32) | np.arange(logits.shape[-1], dtype=np.int64)
+    keys.sort(axis=-1)
+    order = torch.from_numpy(keys & 0xFFFFFFFF)  # (B, V) columns, largest logit first
+    return logits.gather(1, order), order
 
 
 def truncate(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
@@ -332,6 +369,42 @@ class HFBackend:
                 advance(len(chunk))
         return results
 
+    def _prompt_inputs(
+        self, requests: Sequence[GenerationRequest], row_requests: Sequence[int]
+    ) -> dict[str, Any]:
+        """Model inputs of the rows `row_requests` (request indices; the n samples of a request
+        are n rows): each distinct request's prompt is rendered, tokenised and its image
+        encoded ONCE, then handed to its rows (`image_features_for_rows`). The rows get the same
+        ids, mask, grids and image features as rendering every row on its own would give."""
+        distinct = list(dict.fromkeys(row_requests))  # request indices, first-seen order
+        slot = {index: i for i, index in enumerate(distinct)}
+        inputs = build_prompt_inputs(
+            self.processor,
+            [requests[i].messages for i in distinct],
+            [requests[i].image for i in distinct],
+        )
+        inputs = batch_to(inputs, self.device, self.dtype)
+        rows = torch.tensor([slot[i] for i in row_requests], device=self.device)
+        out = {k: v[rows] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+        if "pixel_values" not in inputs:
+            return out
+        image_index = {}  # request index -> its image among the encoded ones
+        for index in distinct:
+            if requests[index].image is not None:
+                image_index[index] = len(image_index)
+        row_images = [image_index[i] for i in row_requests if i in image_index]
+        grid = inputs["image_grid_thw"]
+        out["image_grid_thw"] = grid[row_images]
+        features = image_features_for_rows(self.model, inputs["pixel_values"], grid, row_images)
+        if features is not None:
+            out["mm_encoder_outputs"] = {"image": features}
+        else:  # the model takes pixels only: each row gets its image's patches
+            patches = image_patch_slices(grid)
+            out["pixel_values"] = torch.cat(
+                [inputs["pixel_values"][patches[i]] for i in row_images]
+            )
+        return out
+
     def _generate_chunk(
         self,
         requests: Sequence[GenerationRequest],
@@ -342,10 +415,7 @@ class HFBackend:
         from transformers import LogitsProcessorList
 
         chunk_requests = [requests[index] for index, _ in chunk]
-        inputs = build_prompt_inputs(
-            self.processor, [r.messages for r in chunk_requests], [r.image for r in chunk_requests]
-        )
-        inputs = batch_to(inputs, self.device, self.dtype)
+        inputs = self._prompt_inputs(requests, [index for index, _ in chunk])
         prompt_width = inputs["input_ids"].shape[1]
         generators = None
         if not sampling.greedy:
