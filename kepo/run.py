@@ -41,6 +41,8 @@ HARMLESS_SETTINGS = (
     "eval.batch_size",
     "eval.every",
     "data.image_workers",
+    "train.launcher",
+    "train.strategy",
 )
 # Which stages' stored rows a changed setting invalidates (first matching prefix wins).
 _INVALIDATES: tuple[tuple[str, tuple[str, ...]], ...] = (
