@@ -557,8 +557,9 @@ class TrainConfig(_Section):
     )
     strategy: Literal["ddp", "fsdp", "deepspeed_zero3"] = _f(
         "How launched processes share the model: ddp = a full copy each; fsdp = Accelerate's "
-        "FSDP2 plugin; deepspeed_zero3 = Accelerate's DeepSpeed ZeRO-3 plugin (needs deepspeed). "
-        "fsdp and deepspeed_zero3 need launcher accelerate and GPUs.",
+        "FSDP2 plugin; deepspeed_zero3 = Accelerate's DeepSpeed ZeRO-3 plugin. fsdp and "
+        "deepspeed_zero3 need launcher accelerate and GPUs, and are refused for now: the "
+        "trainer does not yet gather sharded weights for its checkpoint (kepo/launch.py).",
         "ddp",
     )
 

@@ -23,11 +23,15 @@ DuckDB admits one writing process: the ranks' main process writes `train_steps` 
 `checkpoints` row; the parent holds no connection while the ranks run (`kepo.store.Store` opens
 one per call) and reads the result back from the store afterwards (`result_from_store`).
 
-Measured on the CPU (accelerate 1.16, torch 2.13): an Accelerate FSDP launch with
-`Accelerator(cpu=True)` silently runs as DDP (distributed_type MULTI_CPU, the model wrapped in
-DistributedDataParallel, parameters not sharded), so fsdp and deepspeed_zero3 are refused when
-the training device is the CPU (`check_launch`), and `kepo.train.make_accelerator` refuses any
-run whose Accelerator is not of the configured strategy.
+Sharded strategies. Measured on the CPU (accelerate 1.16, torch 2.13): an Accelerate FSDP
+launch with `Accelerator(cpu=True)` silently runs as DDP (distributed_type MULTI_CPU, the model
+wrapped in DistributedDataParallel, parameters not sharded). On GPUs the config files above are
+what Accelerate needs, but the trainer writes the checkpoint and the AdamW state from the main
+process alone, which under FSDP / ZeRO-3 holds only its shard. So `check_launch` refuses fsdp
+and deepspeed_zero3 (naming why), and `kepo.train.make_accelerator` refuses any Accelerator
+that does not run the configured strategy. What is missing: the full state dict gathered on
+every rank (`Accelerator.get_state_dict`) and the optimizer state dict of the sharded optimizer
+for `optimizer.pt`, then a GPU test.
 
 `KEPO_FAIL_RANK=<rank>:raise|exit` is a test hook (fault injection, like
 `KEPO_FAIL_SHARD_ONCE` of flows/runners.py): that rank raises, or leaves with `os._exit(3)`,
@@ -77,23 +81,32 @@ class LaunchError(StoreError):
 
 # ------------------------------------------------------------------------------ checks
 def check_launch(cfg: RunConfig) -> None:
-    """Refuse, in one line naming the setting, a training launch that cannot run here."""
+    """Refuse, in one line naming the setting, a training launch that cannot run here.
+
+    ddp runs anywhere. fsdp and deepspeed_zero3 are refused: on the CPU Accelerate runs them
+    as plain DDP (measured), and on GPUs the trainer does not yet gather the sharded weights
+    and AdamW state for its checkpoint (it writes them from the main process alone).
+    """
     from kepo.models import resolve_device
 
     train = cfg.train
-    if train.launcher != "accelerate":
+    if train.launcher != "accelerate" or train.strategy == "ddp":
         return
-    if train.strategy == "deepspeed_zero3" and importlib.util.find_spec("deepspeed") is None:
-        raise LaunchError(
-            "train.strategy=deepspeed_zero3 needs DeepSpeed, which is not installed: "
-            f"{DEEPSPEED_HINT}, or set train.strategy to ddp or fsdp"
-        )
-    if train.strategy != "ddp" and resolve_device(cfg.models.device).type == "cpu":
+    if resolve_device(cfg.models.device).type == "cpu":
         raise LaunchError(
             f"train.strategy={train.strategy} needs GPUs: on the CPU Accelerate runs an "
             f"{train.strategy} launch as plain DDP (measured: distributed_type MULTI_CPU, model "
             "wrapped in DistributedDataParallel, nothing sharded); set train.strategy: ddp"
         )
+    missing = ""
+    if train.strategy == "deepspeed_zero3" and importlib.util.find_spec("deepspeed") is None:
+        missing = f"; it also needs DeepSpeed, which is not installed ({DEEPSPEED_HINT})"
+    raise LaunchError(
+        f"train.strategy={train.strategy} is not supported yet: the trainer writes its "
+        "checkpoint and AdamW state from the main process, which does not hold the sharded "
+        f"weights{missing}; set train.strategy: ddp (a full copy per process), and "
+        "algorithm.distill.mode: offline to keep the teacher out of training"
+    )
 
 
 def in_launched_world() -> bool:

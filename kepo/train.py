@@ -63,11 +63,18 @@ knows), `optimizer.pt` when train.save_optimizer — then `train_steps` of itera
 (replacing any earlier attempt) and the `checkpoints` row of version k + 1, and only then is
 the previously recorded folder removed (write new, record, remove old).
 
-Several processes: `accelerate launch --multi_gpu --num_processes N -m kepo.train --db FILE
---run R --iteration K` (GPUs; also on a CPU-only machine, where models.device: cpu makes every
-process a CPU process talking gloo), or `torchrun --nproc_per_node N -m kepo.train ...`. Note
-that `accelerate launch --cpu --num_processes N` starts a single process unless an MPI hostfile
-is given (accelerate's multi-CPU launcher is mpirun).
+Several processes: `train.launcher: accelerate` with `train.num_processes: N` (and
+`train.strategy: ddp`). The training stage's process, which holds the stage's lease and writes
+its `stages` row, then runs `accelerate launch ... -m kepo.train --db FILE --run R --iteration K`
+(kepo/launch.py; GPUs, and also a CPU-only machine, where models.device: cpu makes every
+process a CPU process talking gloo) and waits; `kepo run`, the flows and deployment, `kepo
+train` and `python -m kepo.train` all go through it. `main` below is what the ranks run. A
+manual `accelerate launch --multi_gpu --num_processes N -m kepo.train ...` or `torchrun
+--nproc_per_node N -m kepo.train ...` is a recorded stage too (rank 0 takes the lease), but a
+rank that dies there takes rank 0 down before it can record the failure (the row stays
+`running` until a rerun takes the dead lease over); the launcher records it. Note that
+`accelerate launch --cpu --num_processes N` starts a single process unless an MPI hostfile is
+given (accelerate's multi-CPU launcher is mpirun).
 """
 
 from __future__ import annotations

@@ -70,7 +70,11 @@ def test_launch_settings_are_checked_in_one_line(tmp_path) -> None:
         load_config(path)
 
 
-def test_sharded_strategies_are_refused_on_the_cpu_and_without_deepspeed(tmp_path) -> None:
+def test_sharded_strategies_are_refused_with_the_reason(tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    import kepo.models
+
     path = tmp_path / "cfg.yaml"
     path.write_text(
         "models: {device: cpu}\ntrain: {launcher: accelerate, num_processes: 2, strategy: fsdp}\n"
@@ -79,13 +83,19 @@ def test_sharded_strategies_are_refused_on_the_cpu_and_without_deepspeed(tmp_pat
         LaunchError, match=r"on the CPU Accelerate runs an fsdp launch as plain DDP"
     ):
         check_launch(load_config(path))
-    zero3 = load_config(path, overrides={"train.strategy": "deepspeed_zero3"})
-    import importlib.util
-
-    if importlib.util.find_spec("deepspeed") is None:
-        with pytest.raises(LaunchError, match=r"DeepSpeed, which is not installed: pip install"):
-            check_launch(zero3)
     check_launch(load_config(path, overrides={"train.strategy": "ddp"}))  # ddp runs on a CPU
+
+    # On a GPU machine: refused as not supported yet, and DeepSpeed's absence is named.
+    import torch
+
+    monkeypatch.setattr(kepo.models, "resolve_device", lambda device: torch.device("cuda"))
+    with pytest.raises(LaunchError, match=r"fsdp is not supported yet.*sharded weights"):
+        check_launch(load_config(path))
+    zero3 = load_config(path, overrides={"train.strategy": "deepspeed_zero3"})
+    with pytest.raises(LaunchError, match=r"deepspeed_zero3 is not supported yet") as err:
+        check_launch(zero3)
+    if importlib.util.find_spec("deepspeed") is None:
+        assert "DeepSpeed, which is not installed (pip install deepspeed" in str(err.value)
 
 
 def test_the_accelerator_refuses_a_strategy_it_does_not_run(tmp_path, tiny_models) -> None:
