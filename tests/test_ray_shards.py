@@ -196,6 +196,9 @@ def test_evaluation_shards_need_ray(tmp_path) -> None:
         load_config(path)
 
 
+# tau = 0 opens the quality gate of every row (rewards are >= 0), so each iteration's step has a
+# distillation gradient: the tiny run's rewards alone are all 0 (no policy gradient).
+TRAINS = {"algorithm.distill.gate.tau": 0.0}
 RAY_SHARDS = {
     "rollout.task_runner": "ray",
     "rollout.shards": 2,
@@ -223,7 +226,9 @@ def kepo_run_tables(folder, curated_bundled, tiny_models, **overrides) -> dict:
 @pytest.fixture(scope="module")
 def inprocess_run(tmp_path_factory, tiny_models, curated_bundled, prefect_harness):
     """The reference: the same run with every stage in the flow's process."""
-    return kepo_run_tables(tmp_path_factory.mktemp("inprocess-run"), curated_bundled, tiny_models)
+    return kepo_run_tables(
+        tmp_path_factory.mktemp("inprocess-run"), curated_bundled, tiny_models, **TRAINS
+    )
 
 
 @pytest.mark.slow
@@ -233,7 +238,8 @@ def test_kepo_run_on_ray_equals_the_inprocess_run(
     """Two iterations through `kepo_run`: rollout and evaluation in 2 Ray shards each give the
     Table 1 rows (eval_metrics) and predictions of the unsharded in-process run."""
     tables = {"inprocess": inprocess_run["tables"]}
-    tables["ray"] = kepo_run_tables(tmp_path, curated_bundled, tiny_models, **RAY_SHARDS)["tables"]
+    ray = kepo_run_tables(tmp_path, curated_bundled, tiny_models, **TRAINS, **RAY_SHARDS)
+    tables["ray"] = ray["tables"]
     assert {r["iteration"] for r in tables["ray"]["eval_metrics"]} == {0, 1, 2}
     assert tables["ray"] == tables["inprocess"]
 
@@ -254,6 +260,7 @@ def test_kepo_run_on_ray_with_launched_training_equals_the_inprocess_run(
         tmp_path,
         curated_bundled,
         tiny_models,
+        **TRAINS,
         **RAY_SHARDS,
         **{"train.launcher": "accelerate", "train.num_processes": 2},
     )
