@@ -567,6 +567,40 @@ class TrainConfig(_Section):
         "(tensorboard: offline event files in <workdir>/tensorboard; see kepo/tracking.py).",
         default_factory=list,
     )
+    launcher: Literal["inprocess", "accelerate"] = _f(
+        "Where the training stage runs: inprocess = in the stage's own process (one process); "
+        "accelerate = the stage launches `accelerate launch -m kepo.train` with num_processes "
+        "processes, keeps the stage's lease and record, and waits (kepo/launch.py).",
+        "inprocess",
+    )
+    num_processes: int = _f(
+        "Training processes (one per GPU) with launcher accelerate. An optimizer step takes "
+        "micro_batch_size x grad_accum_steps x num_processes rows: halve grad_accum_steps when "
+        "doubling it to keep the same steps.",
+        1,
+        ge=1,
+    )
+    strategy: Literal["ddp", "fsdp", "deepspeed_zero3"] = _f(
+        "How launched processes share the model: ddp = a full copy each; fsdp = Accelerate's "
+        "FSDP2 plugin; deepspeed_zero3 = Accelerate's DeepSpeed ZeRO-3 plugin. fsdp and "
+        "deepspeed_zero3 need launcher accelerate and GPUs, and are refused for now: the "
+        "trainer does not yet gather sharded weights for its checkpoint (kepo/launch.py).",
+        "ddp",
+    )
+
+    @model_validator(mode="after")
+    def _launchable(self) -> TrainConfig:
+        if self.launcher == "inprocess" and self.num_processes > 1:
+            raise ValueError(
+                f"train.num_processes={self.num_processes} needs train.launcher: accelerate "
+                "(inprocess trains in one process): set train.launcher to accelerate"
+            )
+        if self.launcher == "inprocess" and self.strategy != "ddp":
+            raise ValueError(
+                f"train.strategy={self.strategy} needs train.launcher: accelerate: set "
+                "train.launcher to accelerate or train.strategy to ddp"
+            )
+        return self
 
     @field_validator("keep_versions")
     @classmethod

@@ -12,8 +12,8 @@ A run is a sequence of stages, each recorded in the `stages` table:
 The `iteration` of an `evaluate` stage is the policy version it evaluated, the same number the
 evaluation tables use.
 
-Every entry point (`kepo run`, the Prefect flows and deployment, `kepo rollout`, `kepo train`,
-`kepo eval`) runs a stage through `run_stage`, which
+Every entry point (`kepo run`, the Prefect flows and deployment, `kepo rollout`, `kepo train`
+and `python -m kepo.train`, `kepo eval`) runs a stage through `run_stage`, which
 
 - takes the stage's lease in the store (a second live copy of the same (run, iteration, stage)
   is refused with StageBusyError; a lease left by a killed process is taken over),
@@ -239,7 +239,11 @@ def run_plan(run: Run, iterations: int | None = None) -> list[PlannedStage]:
 
 # ------------------------------------------------------------------------------ checks
 def check_models(config: Any) -> None:
-    """Refuse (naming the setting) when a configured model folder does not exist."""
+    """Refuse (naming the setting) when a configured model folder does not exist, or when the
+    training launch the config asks for cannot run here (`kepo.launch.check_launch`)."""
+    from kepo.launch import check_launch
+
+    check_launch(config)
     models = config.models
     wanted = [("models.student", models.student)]
     if config.algorithm.spec.needs_teacher:
@@ -333,6 +337,9 @@ def commit_rollout(run: Run, iteration: int, shard_dirs: list[Path]) -> Any:
 
 
 def train_stage(run: Run, iteration: int) -> Any:
+    """Train in this process, or launch `train.num_processes` processes (train.launcher:
+    accelerate) and wait for them; either way this process holds the lease and the record."""
+    from kepo.launch import in_launched_world, launch_training
     from kepo.train import train_iteration
 
     target = run.checkpoint_dir(iteration + 1)
@@ -340,6 +347,8 @@ def train_stage(run: Run, iteration: int) -> Any:
     # Half-written copies of a killed attempt (we hold the lease: nobody else writes them).
     for stale in target.parent.glob(f"{target.name}*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    if run.config.train.launcher == "accelerate" and not in_launched_world():
+        return launch_training(run, iteration)
     return train_iteration(run, iteration)
 
 

@@ -43,6 +43,8 @@ HARMLESS_SETTINGS = (
     "data.image_workers",
     "train.keep_checkpoints",
     "train.keep_versions",
+    "train.launcher",
+    "train.strategy",
 )
 # Which stages' stored rows a changed setting invalidates (first matching prefix wins).
 _INVALIDATES: tuple[tuple[str, tuple[str, ...]], ...] = (

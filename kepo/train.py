@@ -75,11 +75,18 @@ bytes on disk), and only then is the previously recorded folder of version k + 1
 new, record, remove old). Older versions' optimizer state and folders (train.keep_checkpoints)
 are removed by the stage runner once the stage is recorded as succeeded (`kepo.checkpoints`).
 
-Several processes: `accelerate launch --multi_gpu --num_processes N -m kepo.train --db FILE
---run R --iteration K` (GPUs; also on a CPU-only machine, where models.device: cpu makes every
-process a CPU process talking gloo), or `torchrun --nproc_per_node N -m kepo.train ...`. Note
-that `accelerate launch --cpu --num_processes N` starts a single process unless an MPI hostfile
-is given (accelerate's multi-CPU launcher is mpirun).
+Several processes: `train.launcher: accelerate` with `train.num_processes: N` (and
+`train.strategy: ddp`). The training stage's process, which holds the stage's lease and writes
+its `stages` row, then runs `accelerate launch ... -m kepo.train --db FILE --run R --iteration K`
+(kepo/launch.py; GPUs, and also a CPU-only machine, where models.device: cpu makes every
+process a CPU process talking gloo) and waits; `kepo run`, the flows and deployment, `kepo
+train` and `python -m kepo.train` all go through it. `main` below is what the ranks run. A
+manual `accelerate launch --multi_gpu --num_processes N -m kepo.train ...` or `torchrun
+--nproc_per_node N -m kepo.train ...` is a recorded stage too (rank 0 takes the lease), but a
+rank that dies there takes rank 0 down before it can record the failure (the row stays
+`running` until a rerun takes the dead lease over); the launcher records it. Note that
+`accelerate launch --cpu --num_processes N` starts a single process unless an MPI hostfile is
+given (accelerate's multi-CPU launcher is mpirun).
 """
 
 from __future__ import annotations
@@ -89,6 +96,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -102,6 +110,7 @@ from kepo.algorithms import spec_for
 from kepo.checkpoints import OPTIMIZER_FILE
 from kepo.chunked import OnlineTeacher, TopkTeacher, align_open_rows, chunked_head_terms
 from kepo.config import RunConfig
+from kepo.launch import fail_rank_hook
 from kepo.losses import token_logprobs
 from kepo.models import (
     assert_shared_vocabulary,
@@ -478,16 +487,38 @@ class TrainResult:
 # ============================================================================ the trainer
 
 
+# The Accelerate distributed types each train.strategy may run as (1 process: NO).
+STRATEGY_TYPES = {
+    "ddp": ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_HPU"),
+    "fsdp": ("FSDP",),
+    "deepspeed_zero3": ("DEEPSPEED",),
+}
+
+
 def make_accelerator(cfg: RunConfig) -> Any:
-    """The default Accelerator of a run: CPU when models.device resolves to the CPU."""
+    """The default Accelerator of a run: CPU when models.device resolves to the CPU.
+
+    Under a launch (train.launcher: accelerate, or a manual `accelerate launch`) the launcher's
+    environment selects the distributed type and plugin (FSDP, DeepSpeed); an Accelerator that
+    does not run the configured train.strategy is refused rather than trained silently (on the
+    CPU Accelerate turns an FSDP launch into DDP).
+    """
     from accelerate import Accelerator
 
     cpu = resolve_device(cfg.models.device).type == "cpu"
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
     )
+    running = accelerator.distributed_type.name
+    if running not in STRATEGY_TYPES[cfg.train.strategy]:
+        raise ValueError(
+            f"train.strategy={cfg.train.strategy} but Accelerate runs {running} here "
+            f"({accelerator.num_processes} process(es), device {accelerator.device}): launch with "
+            "train.launcher: accelerate on GPUs, or set train.strategy: ddp"
+        )
+    return accelerator
 
 
 def _train_dtype(cfg: RunConfig) -> str:
@@ -1171,6 +1202,7 @@ def _optimizer_step(
         context = contextlib.nullcontext() if sync else accelerator.no_sync(model)
         with context:
             out = fn(ctx, local)
+            fail_rank_hook(accelerator.process_index)  # test hook (KEPO_FAIL_RANK); no-op
             accelerator.backward(out.loss * backward_scale)
         if fn is _loss_padding:
             continue
@@ -1249,15 +1281,46 @@ def _optimizer_step(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m kepo.train` / `accelerate launch -m kepo.train`: one training iteration."""
+    """`python -m kepo.train`: the training stage of one iteration, recorded like `kepo train`.
+
+    Three ways in:
+    - by hand (`python -m kepo.train --db F --run R --iteration K`): the stage runner takes the
+      lease and writes the `stages` row; with train.launcher: accelerate it launches the ranks;
+    - as a rank of a launched stage (KEPO_STAGE_LEASE set by the stage's process): train only;
+      the parent holds the lease and records the stage, this rank reports its error to it;
+    - as a rank of a manual `accelerate launch` / `torchrun` (WORLD_SIZE set, no parent): rank 0
+      takes the lease and records the stage, the other ranks train only.
+    """
+    from kepo.launch import PARENT_LEASE_ENV, check_parent_lease, record_rank_error
+    from kepo.pipeline import PlannedStage, execute
+    from kepo.store import StoreError
+
     parser = argparse.ArgumentParser(description="Train one KEPO iteration (policy k -> k + 1).")
     parser.add_argument("--db", type=Path, required=True, help="the run's kepo.duckdb file")
     parser.add_argument("--run", required=True, help="run id")
     parser.add_argument("--iteration", type=int, required=True, help="iteration k to train")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    result = train_iteration(Run.open(args.db, args.run), args.iteration)
-    log.info("wrote policy version %d to %s", result.policy_version, result.checkpoint_dir)
+    parent_lease = os.environ.get(PARENT_LEASE_ENV)
+    try:
+        run = Run.open(args.db, args.run)
+        if parent_lease:
+            check_parent_lease(run, args.iteration, parent_lease)
+            result = train_iteration(run, args.iteration)
+        elif int(os.environ.get("RANK", "0")) != 0:
+            result = train_iteration(run, args.iteration)
+        else:
+            result = execute(run, PlannedStage(args.iteration, "train"))
+    except (StoreError, TrainingDataError, ValueError) as err:
+        if parent_lease:
+            record_rank_error(err)
+        log.error("%s", err)
+        return 1
+    except BaseException as err:
+        if parent_lease:
+            record_rank_error(err)
+        raise
+    log.info("policy version %d is in %s", result.policy_version, result.checkpoint_dir)
     return 0
 
 

@@ -8,8 +8,12 @@ fail one shard on its first attempt to show that it is rerun and that nothing is
 
 from __future__ import annotations
 
+import logging
+import time
+
 import pytest
 from test_flows import assert_no_duplicates, stage_rows, write_config
+from train_fixtures import load_params
 
 from kepo.config import ConfigError, RolloutConfig, load_config
 from kepo.run import Run
@@ -192,30 +196,106 @@ def test_evaluation_shards_need_ray(tmp_path) -> None:
         load_config(path)
 
 
+# tau = 0 opens the quality gate of every row (rewards are >= 0), so each iteration's step has a
+# distillation gradient: the tiny run's rewards alone are all 0 (no policy gradient).
+TRAINS = {"algorithm.distill.gate.tau": 0.0}
+RAY_SHARDS = {
+    "rollout.task_runner": "ray",
+    "rollout.shards": 2,
+    "rollout.shard_resources": {"num_cpus": 1},
+    "eval.shards": 2,
+}
+
+
+def kepo_run_tables(folder, curated_bundled, tiny_models, **overrides) -> dict:
+    """`kepo_run` of the two-iteration tiny config; its evaluation tables, store and wall time."""
+    from flows.iteration import kepo_run
+
+    config = write_config(folder, curated_bundled, tiny_models, **overrides)
+    start = time.perf_counter()
+    store = Store(kepo_run(str(config)))
+    wall_s = time.perf_counter() - start
+    assert_no_duplicates(store)
+    tables = {
+        table: store.query(f"SELECT * EXCLUDE (run_id) FROM {table} ORDER BY ALL").to_pylist()
+        for table in ("eval_metrics", "eval_predictions")
+    }
+    return {"tables": tables, "store": store, "wall_s": wall_s}
+
+
+@pytest.fixture(scope="module")
+def inprocess_run(tmp_path_factory, tiny_models, curated_bundled, prefect_harness):
+    """The reference: the same run with every stage in the flow's process."""
+    return kepo_run_tables(
+        tmp_path_factory.mktemp("inprocess-run"), curated_bundled, tiny_models, **TRAINS
+    )
+
+
 @pytest.mark.slow
 def test_kepo_run_on_ray_equals_the_inprocess_run(
-    tmp_path, tiny_models, curated_bundled, prefect_harness, local_ray
+    tmp_path, tiny_models, curated_bundled, prefect_harness, local_ray, inprocess_run
 ) -> None:
     """Two iterations through `kepo_run`: rollout and evaluation in 2 Ray shards each give the
     Table 1 rows (eval_metrics) and predictions of the unsharded in-process run."""
-    from flows.iteration import kepo_run
-
-    tables = {}
-    for name, overrides in {
-        "inprocess": {},
-        "ray": {
-            "rollout.task_runner": "ray",
-            "rollout.shards": 2,
-            "rollout.shard_resources": {"num_cpus": 1},
-            "eval.shards": 2,
-        },
-    }.items():
-        config = write_config(tmp_path / name, curated_bundled, tiny_models, **overrides)
-        store = Store(kepo_run(str(config)))
-        tables[name] = {
-            table: store.query(f"SELECT * EXCLUDE (run_id) FROM {table} ORDER BY ALL").to_pylist()
-            for table in ("eval_metrics", "eval_predictions")
-        }
-        assert_no_duplicates(store)
+    tables = {"inprocess": inprocess_run["tables"]}
+    ray = kepo_run_tables(tmp_path, curated_bundled, tiny_models, **TRAINS, **RAY_SHARDS)
+    tables["ray"] = ray["tables"]
     assert {r["iteration"] for r in tables["ray"]["eval_metrics"]} == {0, 1, 2}
     assert tables["ray"] == tables["inprocess"]
+
+
+@pytest.mark.slow
+def test_kepo_run_on_ray_with_launched_training_equals_the_inprocess_run(
+    tmp_path, tiny_models, curated_bundled, prefect_harness, local_ray, inprocess_run
+) -> None:
+    """Two iterations through `kepo_run` with rollout and evaluation in 2 Ray shards AND training
+    launched as 2 processes (`train.launcher: accelerate`, gloo): the same Table 1 rows.
+
+    Tolerances: eval_metrics and the predicted texts exactly equal; the policies' parameters
+    within 1e-5 absolute and each step's loss within 1e-5 relative (two processes add the
+    loss in another order, so the weights, and their fingerprint, differ in the last bits).
+    One optimizer step per iteration either way: 8 rows, micro_batch 4 x grad_accum 2 on one
+    process, 4 x 2 x 2 = 16 rows per step on two."""
+    launched = kepo_run_tables(
+        tmp_path,
+        curated_bundled,
+        tiny_models,
+        **TRAINS,
+        **RAY_SHARDS,
+        **{"train.launcher": "accelerate", "train.num_processes": 2},
+    )
+    logging.getLogger(__name__).warning(
+        "wall time of the two-iteration kepo run: in-process %.1f s, Ray shards + 2 launched "
+        "training processes %.1f s",
+        inprocess_run["wall_s"],
+        launched["wall_s"],
+    )
+    expected, got = inprocess_run["tables"], launched["tables"]
+    assert {r["iteration"] for r in got["eval_metrics"]} == {0, 1, 2}
+    assert got["eval_metrics"] == expected["eval_metrics"]
+
+    def predictions(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "model_sha256"} for r in rows]
+
+    assert predictions(got["eval_predictions"]) == predictions(expected["eval_predictions"])
+
+    store, reference = launched["store"], inprocess_run["store"]
+    stages = store.query(
+        "SELECT iteration, status, lease_owner FROM stages WHERE stage = 'train' ORDER BY 1"
+    ).to_pylist()
+    assert stages == [{"iteration": k, "status": "succeeded", "lease_owner": None} for k in (0, 1)]
+    steps_query = "SELECT iteration, step, loss_total, grad_norm FROM train_steps ORDER BY 1, 2"
+    steps, reference_steps = (
+        store.query(steps_query).to_pylist(),
+        reference.query(steps_query).to_pylist(),
+    )
+    assert len(steps) == len(reference_steps) == 2
+    for a, b in zip(steps, reference_steps, strict=True):
+        assert b["grad_norm"] > 0  # a real update, so the parameters below can differ
+        assert a["loss_total"] == pytest.approx(b["loss_total"], rel=1e-5, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5, abs=1e-7)
+    params = load_params(Run.open(store.path, "flow-run").policy_path(2))
+    reference_params = load_params(Run.open(reference.path, "flow-run").policy_path(2))
+    initial = load_params(tiny_models[0])
+    assert max((reference_params[k] - initial[k]).abs().max().item() for k in initial) > 1e-4
+    assert max((params[k] - reference_params[k]).abs().max().item() for k in params) < 1e-5

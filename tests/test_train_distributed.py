@@ -74,6 +74,11 @@ def test_two_cpu_processes_equal_one_process_after_one_step(tmp_path: Path, tiny
     proc = _accelerate_launch(run.config.db_path, run.run_id, 0)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on 2 processes" in proc.stdout + proc.stderr  # not two independent single runs
+    # A manual launch is a recorded stage too: rank 0 took the lease and wrote the row.
+    stage = run.store.read("stages", {"run_id": run.run_id, "stage": "train"}).to_pylist()
+    assert [(r["iteration"], r["status"], r["lease_owner"]) for r in stage] == [
+        (0, "succeeded", None)
+    ]
     params_two = load_params(run.policy_path(1))  # the recorded folder (written beside the old)
     step_two = run.store.read("train_steps", {"run_id": run.run_id, "iteration": 0}).to_pylist()[0]
 

@@ -2,8 +2,9 @@
 
     kepo train --db work/run/kepo.duckdb --run kepo-tiny --iteration 0
 
-Several processes or GPUs: `accelerate launch --multi_gpu --num_processes 2 -m kepo.train --db ...
---run ... --iteration ...` (the same arguments; on a CPU-only machine too, see kepo/train.py).
+Several processes or GPUs: set `train.launcher: accelerate` and `train.num_processes: N` in the
+run's config; this command then launches the N processes itself (kepo/launch.py), holding the
+stage's lease and recording it like every other stage.
 """
 
 from __future__ import annotations
