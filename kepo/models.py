@@ -691,6 +691,17 @@ def _forward_parameters(model: Any) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
 
+def cache_argument(model: Any) -> str | None:
+    """The name under which `model.forward` takes a key/value cache: `cache` (transformers
+    5.2x), `past_key_values` (5.19 and older), or None when it takes neither. A cache passed
+    under the other name would land in `**kwargs` and be ignored."""
+    parameters = _forward_parameters(model)
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    return None
+
+
 def model_inputs(batch: Mapping[str, torch.Tensor], model: Any = None) -> dict[str, torch.Tensor]:
     """The forward keyword arguments of a batch (drops completion bookkeeping; drops
     mm_token_type_ids for transformers versions whose model does not take it)."""

@@ -116,6 +116,7 @@ from kepo.models import (
     assert_shared_vocabulary,
     batch_to,
     build_sequence_batch,
+    cache_argument,
     completion_logits,
     completion_mask_of,
     image_patch_slices,
@@ -693,10 +694,12 @@ def shared_prompt_hidden(
     """
     inner = getattr(model, "model", None)
     rope_index = getattr(inner, "get_rope_index", None)
+    cache_name = cache_argument(inner) if inner is not None else None
     if (
         hasattr(model, "module")
         or inner is None
         or rope_index is None
+        or cache_name is None
         or getattr(model, "is_gradient_checkpointing", False)
         or len(set(prompt_keys)) == len(prompt_keys)
         or len(prompt_keys) != batch["input_ids"].shape[0]
@@ -751,8 +754,8 @@ def shared_prompt_hidden(
         input_ids=ids[:, prompt:],
         attention_mask=attention,
         position_ids=position_ids[:, :, prompt:],
-        cache=cache,
         use_cache=False,
+        **{cache_name: cache},
     )
     last_prompt = head.last_hidden_state[rows, -1:]  # (B, 1, H): predicts completion token 0
     return torch.cat([last_prompt, tail.last_hidden_state[:, :-1]], dim=1)  # (B, Tc, H)

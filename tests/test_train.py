@@ -240,8 +240,9 @@ def test_vision_once_per_image_equals_one_encoding_per_row(tiny_models) -> None:
         handle.remove()
     assert calls[0] * 2 == calls[1]  # two distinct images encoded instead of four
     torch.testing.assert_close(logits_once, logits_each, rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads_once, grads_each, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(grads_once, grads_each, strict=True):  # sums in another order: rounding
+        assert float((a - b).norm()) <= 1e-5 * float(b.norm()) + 1e-8
+    assert any(float(b.norm()) > 0 for b in grads_each)
     assert train_mod.vision_once_per_image(model, batch, ["a", "b", "c", "d"]) is batch
 
 
