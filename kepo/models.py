@@ -140,8 +140,11 @@ def load_processor(path: str | Path) -> Any:
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except (ImportError, ValueError, OSError, TypeError) as err:
+        reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         log.info(
-            "AutoProcessor could not load %s (%s); assembling an image-only processor", path, err
+            "AutoProcessor could not load %s (%s); assembling an image-only processor",
+            path,
+            reason.strip(),
         )
     if processor is not None and getattr(processor, "image_processor", None) is not None:
         return processor

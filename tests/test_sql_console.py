@@ -126,3 +126,16 @@ def test_named_queries_take_parameters_and_can_be_listed(db: Path) -> None:
     assert result.exit_code == 2 and "NAME=VALUE" in result.output
     result = runner.invoke(app, ["sql", "--db", str(db), "--query", "list"])
     assert result.stdout.split() == query_names() and "study_summary" in query_names()
+
+
+def test_piped_tables_keep_one_line_per_row(db: Path) -> None:
+    """Output to a pipe or a file (not a terminal) is not folded to 80 columns: every row of a
+    wide result stays on one line, its cells whole."""
+    long_path = "checkpoints/a-long-run-name/policy-0001-" + "x" * 12  # 52 characters
+    columns = ", ".join(f"{i} AS column_{i}" for i in range(10))
+    sql = f"SELECT 'wide-run' AS run_id, '{long_path}' AS path, {columns}"
+    result = CliRunner().invoke(app, ["sql", "--db", str(db), sql])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "wide-run" in line]
+    assert len(lines) == 1 and long_path in lines[0], result.output
+    assert "column_9" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import NoReturn
 
 import typer
@@ -31,3 +32,10 @@ def fail(err: BaseException, code: int = 1) -> NoReturn:
     """Print `error: <message>` on stderr and exit with `code`."""
     Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {err}", markup=True)
     raise typer.Exit(code) from None
+
+
+def output_console(width_when_piped: int = 1000) -> Console:
+    """The console for a command's tables: the terminal's width on a terminal; when the output
+    is a pipe or a file, `width_when_piped` columns, so a table keeps one line per row instead
+    of rich's 80-column default folding every cell into a column of fragments."""
+    return Console(width=None if sys.stdout.isatty() else width_when_piped)

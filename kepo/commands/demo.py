@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from kepo.commands.common import output_console
 from kepo.commands.sql import print_table
 
 
@@ -28,8 +27,7 @@ def demo(
     ] = 300,
 ) -> None:
     """Curate MiniMedVQA, warm up tiny models, run KEPO and GRPO, evaluate, write the report."""
-    # a log file (not a terminal) gets full-width tables instead of rich's 80-column default
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = output_console(width_when_piped=200)
     start = time.perf_counter()
     console.rule("[bold]kepo demo")
     from flows.demo import kepo_demo  # Prefect is imported only when the demo runs

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table as RichTable
 
+from kepo.commands.common import output_console
 from kepo.queries import named_query, query_names
 from kepo.store import Store, StoreError
 
@@ -94,4 +95,4 @@ def sql(
             writer.writerow(row.values())
         sys.stdout.write(buf.getvalue())
     else:
-        print_table(result, Console(), title=name)
+        print_table(result, output_console(), title=name)

@@ -10,6 +10,7 @@ import pyarrow as pa
 import typer
 from rich.console import Console
 
+from kepo.commands.common import output_console
 from kepo.commands.sql import print_table
 
 SUMMARY_COLUMNS = ("method", "n_seeds", "checkpoint", "id_mean", "id_sd", "ood_mean", "ood_sd")
@@ -26,7 +27,7 @@ def study(
     ] = None,
 ) -> None:
     """Warm up tiny models once, run every method x seed, evaluate, write one DB and one report."""
-    console = Console()
+    console = output_console(width_when_piped=200)
     from kepo.study import StudyError, load_study
 
     try:
