@@ -128,7 +128,79 @@ def run_stage(run: Run, iteration: int, stage: StageName, fn: Callable[[], Any])
     run.store.set_stage(run.run_id, iteration, stage, "succeeded")
     if stage in ("train", "evaluate"):
         prune_after_stage(run)
+    _warn_about_later_stages(run, iteration, stage)
     return result
+
+
+# What each stage consumes of the stages before it (curation is checked by its manifest and
+# the settings check of `Run.create`; evaluation by the weights' fingerprint).
+def stage_inputs(iteration: int, stage: StageName) -> list[PlannedStage]:
+    """The stages whose outputs (iteration, stage) reads: a rollout samples from the policy
+    the previous training wrote; a training step reads its iteration's rollout and resumes
+    from the previous training's weights and optimizer state."""
+    previous_train = [PlannedStage(iteration - 1, "train")] if iteration > 0 else []
+    if stage == "rollout":
+        return previous_train
+    if stage == "train":
+        return [PlannedStage(iteration, "rollout"), *previous_train]
+    return []
+
+
+def _stage_rows(run: Run) -> dict[tuple[int, str], dict[str, Any]]:
+    rows = run.store.read("stages", {"run_id": run.run_id}).to_pylist()
+    return {(r["iteration"], r["stage"]): r for r in rows}
+
+
+def redone_inputs(
+    run: Run,
+    iteration: int,
+    stage: StageName,
+    rows: dict[tuple[int, str], dict[str, Any]] | None = None,
+) -> str | None:
+    """Why a succeeded stage is stale because a stage it read was redone after it started
+    (e.g. `kepo train --iteration 0` rerun on a finished run: the rollout of iteration 1 was
+    sampled from the policy version that rerun replaced), or None."""
+    rows = _stage_rows(run) if rows is None else rows
+    mine = rows.get((iteration, stage))
+    if mine is None or mine["status"] != "succeeded":
+        return None
+    for source in stage_inputs(iteration, stage):
+        row = rows.get((source.iteration, source.stage))
+        if (
+            row is not None
+            and row["finished_at"] is not None
+            and (row["finished_at"] > mine["started_at"])
+        ):
+            return (
+                f"the {source.stage} of iteration {source.iteration} it read was redone after "
+                f"it ran (finished {row['finished_at']:%Y-%m-%d %H:%M:%S} UTC)"
+            )
+    return None
+
+
+def _warn_about_later_stages(run: Run, iteration: int, stage: StageName) -> None:
+    """A rerun of a stage whose outputs later stages already consumed leaves them stale: say
+    which, and that `kepo run` redoes them (`is_done` finds them through `redone_inputs`)."""
+    if stage not in ("rollout", "train"):
+        return
+    try:
+        rows = _stage_rows(run)
+    except StoreError:
+        return
+    stale = [
+        f"{name} of iteration {it}"
+        for it, name in sorted(rows)
+        if name in ("rollout", "train") and redone_inputs(run, it, name, rows)
+    ]
+    if stale:
+        log.warning(
+            "run %s: %s of iteration %d was redone after later stages used its output (%s); "
+            "`kepo run` redoes them",
+            run.run_id,
+            stage,
+            iteration,
+            ", ".join(stale),
+        )
 
 
 def versions_to_evaluate(run: Run) -> set[int]:
@@ -180,6 +252,9 @@ def is_done(run: Run, iteration: int, stage: StageName) -> bool:
 def missing_outputs(run: Run, iteration: int, stage: StageName) -> str | None:
     """Why a succeeded stage's outputs cannot be trusted, or None when they are all there."""
     key = {"run_id": run.run_id, "iteration": iteration}
+    redone = redone_inputs(run, iteration, stage)
+    if redone:
+        return redone
     if stage == "curate":
         from kepo.curate import curation_status
 

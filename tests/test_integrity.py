@@ -182,6 +182,32 @@ def test_resume_checks_that_a_succeeded_stage_left_its_outputs(trained_run, tmp_
     assert not is_done(run, 0, "rollout")
 
 
+def test_a_redone_stage_makes_the_stages_that_read_it_stale(trained_run, tmp_path, caplog) -> None:
+    """`kepo train --iteration 0` rerun on a run whose iteration 1 is rolled out and trained:
+    the rollout of iteration 1 was sampled from the policy version that rerun replaced, and
+    the training of iteration 1 resumed from it. Both were trusted as done (a resume checked
+    only that their rows and folders exist); now the rerun says so and a resume redoes them,
+    in order, while the stages before stay done."""
+    run = Run.open(copy_of(trained_run, tmp_path) / "kepo.duckdb", RUN_ID)
+    execute(run, PlannedStage(1, "rollout"))
+    execute(run, PlannedStage(1, "train"))
+    assert is_done(run, 1, "rollout") and is_done(run, 1, "train")
+    caplog.set_level("WARNING", logger="kepo.pipeline")
+    result = CliRunner().invoke(
+        app, ["train", "--db", str(run.store.path), "--run", RUN_ID, "--iteration", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "rollout of iteration 1, train of iteration 1" in warned, warned
+    assert is_done(run, 0, "rollout") and is_done(run, 0, "train")
+    assert not is_done(run, 1, "rollout")
+    assert not is_done(run, 1, "train")
+    execute(run, PlannedStage(1, "rollout"))  # what a resume runs next
+    assert is_done(run, 1, "rollout") and not is_done(run, 1, "train")
+    execute(run, PlannedStage(1, "train"))
+    assert is_done(run, 1, "train")
+
+
 # ------------------------------------------------------------------------------ leases
 _HOLDER = """
 import sys, time
