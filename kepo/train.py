@@ -748,7 +748,9 @@ def shared_prompt_hidden(
         use_cache=True,
         **prompt_inputs,
     )
-    cache = head.past_key_values if hasattr(head, "past_key_values") else head.cache
+    cache = getattr(head, "cache", None)  # 5.2x; `past_key_values` there warns as deprecated
+    if cache is None:
+        cache = head.past_key_values  # 5.19 and older
     cache.batch_select_indices(rows)  # (n_prompts, ...) -> (B, ...), differentiable
     tail = inner(
         input_ids=ids[:, prompt:],
