@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from kepo.audit import iteration_overview, prompt_story, render_overview, render_story
+from kepo.commands.common import output_console
 from kepo.store import Store, StoreError
 
 
@@ -44,6 +45,7 @@ def audit(
     try:
         if not store.path.exists():
             raise StoreError(f"{db}: no such database; pass the run's <workdir>/kepo.duckdb")
+        store.run_config(run_id)  # an unknown run id: names the registered ones
         if prompt is None:
             rows = iteration_overview(store, run_id, iteration)
             if not rows:
@@ -51,7 +53,9 @@ def audit(
             if as_json:
                 sys.stdout.write(json.dumps(rows, default=str, indent=2) + "\n")
             else:
-                render_overview(rows, Console(), f"run {run_id} iteration {iteration}: prompts")
+                render_overview(
+                    rows, output_console(200), f"run {run_id} iteration {iteration}: prompts"
+                )
             return
         story = prompt_story(store, run_id, iteration, prompt, full=full)
     except StoreError as e:
@@ -60,4 +64,4 @@ def audit(
     if as_json:
         sys.stdout.write(json.dumps(story, default=str, indent=2) + "\n")
     else:
-        render_story(story, Console(), width=width)
+        render_story(story, output_console(200), width=width)

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table as RichTable
 
+from kepo.commands.common import output_console
 from kepo.config import BundledDatasetConfig, ConfigError, CurationConfig, load_config
 from kepo.curate import (
     BUNDLED_OUT_DIR,
@@ -109,7 +110,7 @@ def print_result(result: CurationResult, console: Console) -> None:
 
 
 def _run(fn: Any, *args: Any) -> None:
-    console = Console()
+    console = output_console(200)
     try:
         result = fn(*args, progress=True)
     except (CurationError, ConfigError, FileExistsError) as err:

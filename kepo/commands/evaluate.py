@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table as RichTable
 
-from kepo.commands.common import fail, user_errors
+from kepo.commands.common import fail, output_console, user_errors
 from kepo.config import load_config
 from kepo.run import Run
 from kepo.store import Store
@@ -81,7 +80,7 @@ def evaluate_command(
             f"{100 * row['accuracy']:.2f}",
             f"{100 * row['ci_low']:.1f}–{100 * row['ci_high']:.1f}",
         )
-    console = Console()
+    console = output_console(200)
     console.print(table)
     if result.skipped_modalities:
         console.print(f"resumed: kept {', '.join(result.skipped_modalities)} from the store")

@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from kepo.commands.common import output_console
+
 app = typer.Typer(help="Build tiny Qwen3-VL models; check model folders.", no_args_is_help=True)
 
 CorpusOption = Annotated[
@@ -87,7 +89,7 @@ def check_cmd(
     """Load a folder the way the pipeline does, prove its processor yields pixel values."""
     from kepo.models import assert_shared_vocabulary, load_policy, load_processor
 
-    console = Console()
+    console = output_console(200)
     try:
         model, processor = load_policy(path, device=device)
         n_params = sum(p.numel() for p in model.parameters())

@@ -10,7 +10,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from kepo.commands.common import fail, user_errors
+from kepo.commands.common import fail, output_console, user_errors
 from kepo.config import ConfigError, RunConfig, describe_fields, load_config
 
 config_app = typer.Typer(help="Inspect run configurations.", no_args_is_help=True)
@@ -96,7 +96,7 @@ def show(
     ] = None,
 ) -> None:
     """Print every setting with its default and description, or a config fully resolved."""
-    console = Console()
+    console = output_console(200)
     if config is not None:
         try:
             cfg = load_config(config)
