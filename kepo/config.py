@@ -569,7 +569,7 @@ class TrainConfig(_Section):
     )
     launcher: Literal["inprocess", "accelerate"] = _f(
         "Where the training stage runs: inprocess = in the stage's own process (one process); "
-        "accelerate = the stage launches `accelerate launch -m kepo.train` with num_processes "
+        "accelerate = the stage launches `accelerate launch -m kepo.train_stage` with num_processes "
         "processes, keeps the stage's lease and record, and waits (kepo/launch.py).",
         "inprocess",
     )

@@ -5,7 +5,7 @@ stage's own process. With `accelerate`, the stage's process (the one holding the
 and writing its `stages` row through `kepo.pipeline.run_stage`) spawns
 
     python -m accelerate.commands.launch --config_file <workdir>/launch/<run>-iteration-K.yaml \
-        -m kepo.train --db F --run R --iteration K
+        -m kepo.train_stage --db F --run R --iteration K
 
 with `train.num_processes` processes, forwards their output lines to its log and waits. The
 Accelerate config file is written per launch from `train.strategy`: `ddp` (MULTI_GPU, which on a
@@ -54,29 +54,26 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from kepo.config import RunConfig
+from kepo.leases import lease_owner
+from kepo.ranks import (
+    PARENT_LEASE_ENV,
+    RANK_ERROR_DIR_ENV,
+    LaunchError,
+)
 from kepo.run import Run
-from kepo.store import StoreError
 
 log = logging.getLogger(__name__)
 
-PARENT_LEASE_ENV = "KEPO_STAGE_LEASE"
-RANK_ERROR_DIR_ENV = "KEPO_RANK_ERROR_DIR"
-FAIL_RANK_ENV = "KEPO_FAIL_RANK"
 LOG_TAIL_LINES = 30
 TAIL_CHARS = 2500
 SUMMARY_LINES = 200  # lines kept to find the launcher's failure summary
 DEEPSPEED_HINT = "pip install deepspeed (on a CUDA machine; it builds its ops against CUDA)"
-
-
-class LaunchError(StoreError):
-    """A launched training stage failed (the message names the rank and its error)."""
 
 
 # ------------------------------------------------------------------------------ checks
@@ -112,21 +109,6 @@ def check_launch(cfg: RunConfig) -> None:
 def in_launched_world() -> bool:
     """Whether this process is already one rank of a torch.distributed launch."""
     return "WORLD_SIZE" in os.environ
-
-
-def check_parent_lease(run: Run, iteration: int, owner: str) -> None:
-    """A launched rank's check that the stage it trains is running under `owner`'s lease."""
-    rows = run.store.read(
-        "stages", {"run_id": run.run_id, "iteration": iteration, "stage": "train"}
-    ).to_pylist()
-    row = rows[0] if rows else None
-    if row is None or row["status"] != "running" or row["lease_owner"] != owner:
-        held = f"{row['status']}, lease {row['lease_owner']}" if row else "no stages row"
-        raise LaunchError(
-            f"run {run.run_id}: kepo.train was started with {PARENT_LEASE_ENV}={owner} but the "
-            f"train stage of iteration {iteration} is not running under that lease ({held}); "
-            f"unset {PARENT_LEASE_ENV} and run `kepo train` (it takes the lease itself)"
-        )
 
 
 # ------------------------------------------------------------------------------ the config file
@@ -199,7 +181,7 @@ def launch_command(run: Run, iteration: int, config_file: Path) -> list[str]:
         "--config_file",
         str(config_file),
         "-m",
-        "kepo.train",
+        "kepo.train_stage",
         "--db",
         str(run.store.path),
         "--run",
@@ -210,7 +192,9 @@ def launch_command(run: Run, iteration: int, config_file: Path) -> list[str]:
 
 
 def _child_env(owner: str, error_dir: Path) -> dict[str, str]:
-    package_root = str(Path(__file__).resolve().parents[1])  # `-m kepo.train` imports this code
+    package_root = str(
+        Path(__file__).resolve().parents[1]
+    )  # `-m kepo.train_stage` imports this code
     paths = [package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     return {
         **os.environ,
@@ -235,8 +219,6 @@ def _die_with_parent() -> Any:
 def launch_training(run: Run, iteration: int) -> Any:
     """Run the training of `iteration` as `train.num_processes` launched processes; returns the
     TrainResult read back from the store. Called inside the stage (the caller holds the lease)."""
-    from kepo.pipeline import lease_owner
-
     cfg = run.config
     check_launch(cfg)
     t_start = time.perf_counter()
@@ -290,18 +272,6 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def record_rank_error(err: BaseException) -> None:
-    """In a launched rank: leave the error this rank dies with for the parent to report."""
-    folder = os.environ.get(RANK_ERROR_DIR_ENV)
-    if not folder:
-        return
-    rank = os.environ.get("RANK", "0")
-    detail = "".join(traceback.format_exception(type(err), err, err.__traceback__)[-4:])
-    first = f"{type(err).__name__}: {err}".splitlines()[0]
-    with contextlib.suppress(OSError):
-        Path(folder, f"rank-{rank}.txt").write_text(f"{first}\n{detail}")
-
-
 def failure_message(returncode: int, error_dir: Path, tail: list[str]) -> str:
     """One line naming the failing rank and its error, then the tail of the log.
 
@@ -334,23 +304,11 @@ def failure_message(returncode: int, error_dir: Path, tail: list[str]) -> str:
     return head + "\n--- last lines of the launch log ---\n" + shown
 
 
-def fail_rank_hook(process_index: int) -> None:
-    """Test hook (KEPO_FAIL_RANK=<rank>:raise|exit): fail that rank mid-step; no-op otherwise."""
-    spec = os.environ.get(FAIL_RANK_ENV)
-    if not spec:
-        return
-    rank, _, mode = spec.partition(":")
-    if int(rank) != process_index:
-        return
-    if mode == "exit":
-        os._exit(3)
-    raise RuntimeError(f"{FAIL_RANK_ENV} made rank {process_index} fail mid-step")
-
-
 # ------------------------------------------------------------------------------ the result
 def result_from_store(run: Run, iteration: int, wall_time_s: float) -> Any:
     """The TrainResult of a launched stage, read from its `checkpoints` and `train_steps` rows."""
-    from kepo.train import OPTIMIZER_FILE, TrainResult
+    from kepo.checkpoints import OPTIMIZER_FILE
+    from kepo.train import TrainResult
 
     version = iteration + 1
     folder = run.recorded_checkpoint(version)

@@ -13,7 +13,7 @@ The `iteration` of an `evaluate` stage is the policy version it evaluated, the s
 evaluation tables use.
 
 Every entry point (`kepo run`, the Prefect flows and deployment, `kepo rollout`, `kepo train`
-and `python -m kepo.train`, `kepo eval`) runs a stage through `run_stage`, which
+and `python -m kepo.train_stage`, `kepo eval`) runs a stage through `run_stage`, which
 
 - takes the stage's lease in the store (a second live copy of the same (run, iteration, stage)
   is refused with StageBusyError; a lease left by a killed process is taken over),
@@ -33,9 +33,7 @@ No Prefect here; `flows/` wraps these functions in tasks.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import socket
 import tempfile
 import time
 import traceback
@@ -44,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from kepo.leases import holder_alive, lease_owner
 from kepo.run import Run, model_fingerprint
 from kepo.store import StoreError, StoreLockedError
 
@@ -68,38 +67,6 @@ class NotReady(StoreError):
 def format_error(err: BaseException, frames: int = 6) -> str:
     tb = traceback.format_exception(type(err), err, err.__traceback__)
     return "".join(tb[-frames:])[-4000:]
-
-
-# ------------------------------------------------------------------------------ leases
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot (Linux), or '' where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def lease_owner() -> str:
-    """This process as a lease holder: host:pid:start-time (start time guards against pid reuse)."""
-    pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
-
-
-def holder_alive(owner: str) -> bool:
-    """Whether the process named by a lease still runs (another host's: assumed alive)."""
-    host, _, rest = owner.partition(":")
-    pid_text, _, started = rest.partition(":")
-    if host != socket.gethostname():
-        return True
-    try:
-        pid = int(pid_text)
-        os.kill(pid, 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        pass
-    return not started or _start_time(pid) == started
 
 
 # ------------------------------------------------------------------------------ the runner

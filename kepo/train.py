@@ -77,12 +77,13 @@ are removed by the stage runner once the stage is recorded as succeeded (`kepo.c
 
 Several processes: `train.launcher: accelerate` with `train.num_processes: N` (and
 `train.strategy: ddp`). The training stage's process, which holds the stage's lease and writes
-its `stages` row, then runs `accelerate launch ... -m kepo.train --db FILE --run R --iteration K`
-(kepo/launch.py; GPUs, and also a CPU-only machine, where models.device: cpu makes every
-process a CPU process talking gloo) and waits; `kepo run`, the flows and deployment, `kepo
-train` and `python -m kepo.train` all go through it. `main` below is what the ranks run. A
-manual `accelerate launch --multi_gpu --num_processes N -m kepo.train ...` or `torchrun
---nproc_per_node N -m kepo.train ...` is a recorded stage too (rank 0 takes the lease), but a
+its `stages` row, then runs `accelerate launch ... -m kepo.train_stage --db FILE --run R
+--iteration K` (kepo/launch.py; GPUs, and also a CPU-only machine, where models.device: cpu
+makes every process a CPU process talking gloo) and waits; `kepo run`, the flows and
+deployment, `kepo train` and `python -m kepo.train_stage` all go through it.
+`kepo.train_stage.main` is what the ranks run. A manual `accelerate launch --multi_gpu
+--num_processes N -m kepo.train_stage ...` or `torchrun --nproc_per_node N -m
+kepo.train_stage ...` is a recorded stage too (rank 0 takes the lease), but a
 rank that dies there takes rank 0 down before it can record the failure (the row stays
 `running` until a rerun takes the dead lease over); the launcher records it. Note that
 `accelerate launch --cpu --num_processes N` starts a single process unless an MPI hostfile is
@@ -91,12 +92,10 @@ given (accelerate's multi-CPU launcher is mpirun).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -110,7 +109,6 @@ from kepo.algorithms import spec_for
 from kepo.checkpoints import OPTIMIZER_FILE
 from kepo.chunked import OnlineTeacher, TopkTeacher, align_open_rows, chunked_head_terms
 from kepo.config import RunConfig
-from kepo.launch import fail_rank_hook
 from kepo.losses import token_logprobs
 from kepo.models import (
     assert_shared_vocabulary,
@@ -140,6 +138,7 @@ from kepo.objectives import (
 )
 from kepo.progress import progress
 from kepo.prompts import PromptItem, build_messages, build_prompt_text
+from kepo.ranks import fail_rank_hook
 from kepo.run import Run
 from kepo.tracking import export_train_steps, open_trackers
 
@@ -1280,54 +1279,3 @@ def _optimizer_step(
         if row[name] is not None and not math.isfinite(row[name]):
             row[name] = None
     return row
-
-
-# ============================================================================ entry point
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m kepo.train`: the training stage of one iteration, recorded like `kepo train`.
-
-    Three ways in:
-    - by hand (`python -m kepo.train --db F --run R --iteration K`): the stage runner takes the
-      lease and writes the `stages` row; with train.launcher: accelerate it launches the ranks;
-    - as a rank of a launched stage (KEPO_STAGE_LEASE set by the stage's process): train only;
-      the parent holds the lease and records the stage, this rank reports its error to it;
-    - as a rank of a manual `accelerate launch` / `torchrun` (WORLD_SIZE set, no parent): rank 0
-      takes the lease and records the stage, the other ranks train only.
-    """
-    from kepo.launch import PARENT_LEASE_ENV, check_parent_lease, record_rank_error
-    from kepo.pipeline import PlannedStage, execute
-    from kepo.store import StoreError
-
-    parser = argparse.ArgumentParser(description="Train one KEPO iteration (policy k -> k + 1).")
-    parser.add_argument("--db", type=Path, required=True, help="the run's kepo.duckdb file")
-    parser.add_argument("--run", required=True, help="run id")
-    parser.add_argument("--iteration", type=int, required=True, help="iteration k to train")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parent_lease = os.environ.get(PARENT_LEASE_ENV)
-    try:
-        run = Run.open(args.db, args.run)
-        if parent_lease:
-            check_parent_lease(run, args.iteration, parent_lease)
-            result = train_iteration(run, args.iteration)
-        elif int(os.environ.get("RANK", "0")) != 0:
-            result = train_iteration(run, args.iteration)
-        else:
-            result = execute(run, PlannedStage(args.iteration, "train"))
-    except (StoreError, TrainingDataError, ValueError) as err:
-        if parent_lease:
-            record_rank_error(err)
-        log.error("%s", err)
-        return 1
-    except BaseException as err:
-        if parent_lease:
-            record_rank_error(err)
-        raise
-    log.info("policy version %d is in %s", result.policy_version, result.checkpoint_dir)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

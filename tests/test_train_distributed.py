@@ -41,7 +41,7 @@ def _accelerate_launch(db: Path, run_id: str, iteration: int) -> subprocess.Comp
         "--dynamo_backend",
         "no",
         "-m",
-        "kepo.train",
+        "kepo.train_stage",
         "--db",
         str(db),
         "--run",

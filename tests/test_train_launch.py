@@ -20,14 +20,10 @@ import pytest
 from train_fixtures import load_params, make_run, tiny_config, write_rollout_iteration
 
 from kepo.config import ConfigError, TrainConfig, load_config
-from kepo.launch import (
-    FAIL_RANK_ENV,
-    PARENT_LEASE_ENV,
-    LaunchError,
-    accelerate_config,
-    check_launch,
-)
-from kepo.pipeline import PlannedStage, execute, holder_alive, lease_owner
+from kepo.launch import accelerate_config, check_launch
+from kepo.leases import holder_alive, lease_owner
+from kepo.pipeline import PlannedStage, execute
+from kepo.ranks import FAIL_RANK_ENV, PARENT_LEASE_ENV, LaunchError
 from kepo.run import Run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +121,7 @@ def test_accelerate_config_files_use_accelerates_plugins(tmp_path, tiny_models) 
     assert zero3["deepspeed_config"]["gradient_accumulation_steps"] == 3
 
 
-ELASTIC_SUMMARY = """kepo.train FAILED
+ELASTIC_SUMMARY = """kepo.train_stage FAILED
 Failures:
 [1]:
   rank      : 0 (local_rank: 0)
@@ -159,9 +155,9 @@ def test_the_failure_names_the_root_cause_rank_not_the_ranks_stopped_after_it(tm
 def test_a_launched_rank_trains_under_the_parents_lease_without_taking_it(
     tmp_path, tiny_models, monkeypatch
 ) -> None:
-    """`kepo.train` under KEPO_STAGE_LEASE trains and leaves the stage row to its parent; with
+    """`kepo.train_stage` under KEPO_STAGE_LEASE trains and leaves the stage row to its parent; with
     a lease nobody holds it refuses and trains nothing."""
-    from kepo.train import main
+    from kepo.train_stage import main
 
     run = make_run(tiny_config("kepo-ke-tau0", tmp_path, tiny_models, **ONE_STEP))
     write_rollout_iteration(run, 0)
@@ -245,7 +241,15 @@ def test_a_failed_rank_fails_the_stage_and_keeps_the_recorded_checkpoint(
 def test_python_m_kepo_train_by_hand_is_a_recorded_stage(tmp_path, tiny_models) -> None:
     run = make_run(tiny_config("kepo-ke-tau0", tmp_path, tiny_models, **ONE_STEP))
     write_rollout_iteration(run, 0)
-    cmd = [sys.executable, "-m", "kepo.train", "--db", str(run.store.path), "--run", run.run_id]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kepo.train_stage",
+        "--db",
+        str(run.store.path),
+        "--run",
+        run.run_id,
+    ]
     cmd += ["--iteration", "0"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
