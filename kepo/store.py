@@ -457,7 +457,9 @@ class Store:
     ) -> dict[str, int]:
         """For each table: delete the rows matching `where`, insert `rows`; all in one transaction.
 
-        Every inserted row must itself match `where` (so a rerun of the same slice replaces it).
+        `where` maps columns to a value (`col = value`) or to a list / tuple / set of values
+        (`col IN (...)`: several slices replaced at once, e.g. evaluation modalities). Every
+        inserted row must itself match `where` (so a rerun of the same slice replaces it).
         """
         prepared: dict[str, pa.Table] = {}
         for name, rows in tables.items():
@@ -467,9 +469,18 @@ class Store:
                     raise StoreError(f"{name}: cannot filter on {col!r}, not a column")
             data = to_arrow(decl, rows)
             for col, value in where.items():
-                if data.num_rows and not pc.all(pc.equal(data.column(col), value)).as_py():
+                if not data.num_rows:
+                    continue
+                column = data.column(col)
+                if _is_many(value):
+                    inside = pc.is_in(column, pa.array(list(value), type=column.type))
+                else:
+                    inside = pc.equal(column, value)
+                if not pc.all(inside).as_py():
+                    relation = "not in" if _is_many(value) else "!="
                     raise StoreError(
-                        f"{name}: rows outside the partition being written ({col} != {value!r})"
+                        f"{name}: rows outside the partition being written "
+                        f"({col} {relation} {value!r})"
                     )
             prepared[name] = data
         return self._write(lambda con: _replace_in(con, prepared, where))
@@ -711,9 +722,18 @@ def _replace_in(
 ) -> dict[str, int]:
     """Delete the rows matching `where` and insert `prepared`, inside the caller's transaction."""
     written: dict[str, int] = {}
+    terms, params = [], []
+    for col, value in where.items():
+        if _is_many(value):
+            values = list(value)
+            terms.append(f"{col} IN ({', '.join('?' for _ in values)})" if values else "FALSE")
+            params += values
+        else:
+            terms.append(f"{col} = ?")
+            params.append(value)
+    clause = " AND ".join(terms)
     for name, data in prepared.items():
-        clause = " AND ".join(f"{col} = ?" for col in where)
-        con.execute(f"DELETE FROM {name} WHERE {clause}", list(where.values()))
+        con.execute(f"DELETE FROM {name} WHERE {clause}", params)
         if data.num_rows:
             con.register("_kepo_rows", data)
             cols = ", ".join(data.column_names)
@@ -721,6 +741,10 @@ def _replace_in(
             con.unregister("_kepo_rows")
         written[name] = data.num_rows
     return written
+
+
+def _is_many(value: Any) -> bool:
+    return isinstance(value, list | tuple | set | frozenset)
 
 
 def _upsert_stage(

@@ -532,3 +532,31 @@ def test_vectorised_checks_accept_and_refuse_what_the_pandera_schema_does(name: 
             assert (ours is None) == expected, (col.name, value, ours)
             if ours is not None:
                 assert f"record 1 {_key_of(table, rows[1])}: column {col.name} = " in ours, ours
+
+
+def test_several_slices_replaced_at_once_with_a_list_of_values(tmp_path: Path) -> None:
+    store = Store(tmp_path / "kepo.duckdb")
+
+    def rows(modality: str, accuracy: float) -> list[dict]:
+        return [dict(r, modality=modality) for r in _metric_rows("r", 0, accuracy)[:1]]
+
+    for modality in ("MRI", "CT", "OCT"):
+        store.replace_rows(
+            {"eval_metrics": rows(modality, 0.1)}, where={"run_id": "r", "modality": modality}
+        )
+    store.replace_rows(
+        {"eval_metrics": rows("MRI", 0.5) + rows("CT", 0.6)},
+        where={"run_id": "r", "iteration": 0, "modality": ["MRI", "CT"]},
+    )
+    got = store.query("SELECT modality, accuracy FROM eval_metrics ORDER BY 1").to_pylist()
+    assert got == [
+        {"modality": "CT", "accuracy": 0.6},
+        {"modality": "MRI", "accuracy": 0.5},
+        {"modality": "OCT", "accuracy": 0.1},  # outside the list: kept
+    ]
+    with pytest.raises(StoreError, match=r"outside the partition.*modality not in \['CT'\]"):
+        store.replace_rows({"eval_metrics": rows("OCT", 0.9)}, where={"modality": ["CT"]})
+    store.replace_rows({"eval_metrics": []}, where={"run_id": "r", "modality": ["CT", "OCT"]})
+    assert store.count("eval_metrics") == 1
+    store.replace_rows({"eval_metrics": []}, where={"run_id": "r", "modality": []})  # no slice
+    assert store.count("eval_metrics") == 1
