@@ -275,7 +275,7 @@ def shard_modalities(run: Run, shard_index: int, n_shards: int) -> list[str]:
 
 
 def evaluate_shard(run: Run, checkpoint: int, shard_index: int, n_shards: int) -> EvalResult:
-    """Evaluate one shard's modalities of policy `checkpoint` (each commits as it finishes).
+    """Evaluate one shard's modalities of policy `checkpoint` (committed as `evaluate` does).
 
     A modality is the unit: its items are batched exactly as in the unsharded evaluation, so
     the predictions do not depend on the sharding. The stage's own `evaluate` afterwards finds
