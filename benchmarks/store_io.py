@@ -59,6 +59,7 @@ STORE_METHODS = (
     "run_config",
     "run_ids",
     "set_stage",
+    "begin_stage",
     "stage_status",
 )
 

@@ -23,9 +23,12 @@ Choices
   (the training prompt by default; "authors" selects the authors' evaluation prompt).
 - Scoring: `kepo.rewards.score_completion`; `correct` is the accuracy reward (exact letter
   match of the single `<answer>` tag), independent of the format reward.
-- Resuming: each modality's predictions are committed in one transaction, together with that
-  modality's `eval_metrics` row (`replace_rows(where={run_id, iteration, modality})`), so the
-  tables agree after every commit, crash or not. Each prediction carries the fingerprint of
+- Resuming: each modality's predictions are committed together with that modality's
+  `eval_metrics` row (`replace_rows(where={run_id, iteration, modality})`), so the tables agree
+  after every commit, crash or not. Finished modalities are committed together, in one
+  transaction, once `COMMIT_EVERY_S` seconds of generation have passed since the last commit,
+  at the end, and when a later modality fails (an exception), so a process killed outright
+  loses at most that much finished generation. Each prediction carries the fingerprint of
   the weights that produced it (`model_sha256`, see `kepo.run.model_fingerprint`). A later call
   skips every modality whose stored predictions are exactly the expected question ids AND come
   from the same weights (another model, or a retrained checkpoint, is redone), so an interrupted evaluation
@@ -59,6 +62,10 @@ from kepo.store import StoreError
 from schemas.tables import EVAL_METRICS, EVAL_PREDICTIONS, MODALITIES
 
 log = logging.getLogger(__name__)
+
+# Finished modalities wait at most this long (seconds of generation) for their commit: one commit
+# costs milliseconds, so committing each modality alone buys nothing when modalities take less.
+COMMIT_EVERY_S = 10.0
 
 WILSON_Z = 1.959963984540054  # two-sided 95 % normal quantile
 
@@ -164,28 +171,55 @@ def evaluate(
         raise ValueError(
             f"the curated test split in {cfg.data.out_dir} is empty; run `kepo curate` first"
         )
-    fingerprint = model_fingerprint(model_path or _policy_path_or_none(run, checkpoint))
-    stored = _stored_question_ids(run, checkpoint, fingerprint)
+    with run.store.connect(read_only=True):  # the two reads share one attachment of the file
+        policy = None if model_path else _policy_path_or_none(run, checkpoint)
+        stored_rows = _stored_predictions(run, checkpoint)
+    fingerprint = model_fingerprint(model_path or policy)
+    stored = _stored_question_ids(run, checkpoint, fingerprint, stored_rows)
     key = {"run_id": run.run_id, "iteration": checkpoint}
 
     # Predictions of modalities that left the test split would otherwise linger in the metrics.
-    for modality in sorted(set(stored) - set(selected)):
+    stale = sorted(set(stored) - set(selected))
+    for modality in stale:
         log.info("removing stale %s predictions of %s/%d", modality, run.run_id, checkpoint)
+    if stale:
         run.store.replace_rows(
-            {EVAL_PREDICTIONS.name: [], EVAL_METRICS.name: []}, where={**key, "modality": modality}
+            {EVAL_PREDICTIONS.name: [], EVAL_METRICS.name: []}, where={**key, "modality": stale}
         )
 
     if modalities is not None:
         selected = {m: items for m, items in selected.items() if m in set(modalities)}
     result = EvalResult(run_id=run.run_id, iteration=checkpoint, metrics=[])
+    pending: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+    commit_failed = False
+
+    def commit() -> None:
+        """The finished modalities' predictions and metric rows, in one transaction (a commit
+        that failed is not tried again on the way out)."""
+        nonlocal commit_failed
+        if not pending or commit_failed:
+            return
+        commit_failed = True
+        run.store.replace_rows(
+            {
+                EVAL_PREDICTIONS.name: [r for rows, _ in pending.values() for r in rows],
+                EVAL_METRICS.name: [r for _, metric_rows in pending.values() for r in metric_rows],
+            },
+            where={**key, "modality": list(pending)},
+        )
+        commit_failed = False
+        result.evaluated_modalities += list(pending)
+        pending.clear()
+
     owned_backend = None
+    last_commit = time.perf_counter()
     try:
         for modality, items in selected.items():
             if stored.get(modality) == {r["question_id"] for r in items}:
                 result.skipped_modalities.append(modality)
                 continue
             if backend is None:
-                path = Path(model_path) if model_path else run.policy_path(checkpoint)
+                path = Path(model_path) if model_path else policy or run.policy_path(checkpoint)
                 owned_backend = backend = run.generation_backend(path, purpose="eval")
             started = time.perf_counter()
             rows = _answer(run, checkpoint, items, backend, modality)
@@ -200,11 +234,7 @@ def evaluate(
                 iteration=checkpoint,
                 in_domain_modality=cfg.in_domain_modality,
             )
-            run.store.replace_rows(
-                {EVAL_PREDICTIONS.name: rows, EVAL_METRICS.name: metric_rows},
-                where={**key, "modality": modality},
-            )
-            result.evaluated_modalities.append(modality)
+            pending[modality] = (rows, metric_rows)
             result.n_generated += len(rows)
             log.info(
                 "%s/%d %s: %d items, accuracy %.3f",
@@ -214,6 +244,16 @@ def evaluate(
                 len(rows),
                 sum(r["correct"] for r in rows) / len(rows),
             )
+            if time.perf_counter() - last_commit >= COMMIT_EVERY_S:
+                commit()
+                last_commit = time.perf_counter()
+        commit()
+    except BaseException:
+        try:  # keep what finished before the failure (unless committing it was the failure)
+            commit()
+        except StoreError as err:
+            log.error("could not commit the finished modalities %s: %s", list(pending), err)
+        raise
     finally:
         if owned_backend is not None:
             owned_backend.close()
@@ -235,7 +275,7 @@ def shard_modalities(run: Run, shard_index: int, n_shards: int) -> list[str]:
 
 
 def evaluate_shard(run: Run, checkpoint: int, shard_index: int, n_shards: int) -> EvalResult:
-    """Evaluate one shard's modalities of policy `checkpoint` (each commits as it finishes).
+    """Evaluate one shard's modalities of policy `checkpoint` (committed as `evaluate` does).
 
     A modality is the unit: its items are batched exactly as in the unsharded evaluation, so
     the predictions do not depend on the sharding. The stage's own `evaluate` afterwards finds
@@ -251,14 +291,21 @@ def _policy_path_or_none(run: Run, checkpoint: int) -> Path | None:
         return None
 
 
-def _stored_question_ids(run: Run, checkpoint: int, fingerprint: str | None) -> dict[str, set[str]]:
-    """Question ids stored per modality; a modality with predictions of other weights counts
-    as missing one id (so it is redone, never reused)."""
-    table = run.store.read(
+def _stored_predictions(run: Run, checkpoint: int) -> pa.Table:
+    return run.store.read(
         EVAL_PREDICTIONS.name,
         {"run_id": run.run_id, "iteration": checkpoint},
         columns=["modality", "question_id", "model_sha256"],
     )
+
+
+def _stored_question_ids(
+    run: Run, checkpoint: int, fingerprint: str | None, table: pa.Table | None = None
+) -> dict[str, set[str]]:
+    """Question ids stored per modality; a modality with predictions of other weights counts
+    as missing one id (so it is redone, never reused)."""
+    if table is None:
+        table = _stored_predictions(run, checkpoint)
     out: dict[str, set[str]] = {}
     foreign: set[str] = set()
     for modality, qid, sha in zip(
@@ -399,18 +446,19 @@ def compute_metrics(
 
 def write_metrics(run: Run, checkpoint: int) -> list[dict[str, Any]]:
     """Recompute eval_metrics of (run, checkpoint) from the stored predictions and replace them."""
-    predictions = run.store.read(
-        EVAL_PREDICTIONS.name,
-        {"run_id": run.run_id, "iteration": checkpoint},
-        columns=["modality", "correct"],
-    )
-    rows = compute_metrics(
-        predictions,
-        run_id=run.run_id,
-        iteration=checkpoint,
-        in_domain_modality=run.config.in_domain_modality,
-    )
-    run.store.overwrite_partition(EVAL_METRICS.name, rows, run.run_id, checkpoint)
+    with run.store.connect():  # the read and the write share one attachment of the file
+        predictions = run.store.read(
+            EVAL_PREDICTIONS.name,
+            {"run_id": run.run_id, "iteration": checkpoint},
+            columns=["modality", "correct"],
+        )
+        rows = compute_metrics(
+            predictions,
+            run_id=run.run_id,
+            iteration=checkpoint,
+            in_domain_modality=run.config.in_domain_modality,
+        )
+        run.store.overwrite_partition(EVAL_METRICS.name, rows, run.run_id, checkpoint)
     return rows
 
 

@@ -6,7 +6,8 @@ columns and its partition columns. From that single declaration we derive:
 - `duckdb_ddl()`      -> the `CREATE TABLE` statement the store runs,
 - `duckdb_comments()` -> `COMMENT ON` statements carrying the descriptions into DuckDB,
 - `arrow_schema()`    -> the pyarrow schema rows are cast to before writing (and Parquet files use),
-- `pandera_schema()`  -> the `pandera.pyarrow` validation run on every write.
+- `pandera_schema()`  -> the `pandera.pyarrow` validation of curated Parquet data (the store's
+                         writes run the same checks vectorised, `kepo.store._validate`).
 
 `tests/test_schemas.py` checks, for every declared table, that DuckDB's `DESCRIBE`, the pyarrow
 schema and the pandera schema agree column for column.

@@ -376,3 +376,64 @@ def test_modalities_that_left_the_test_split_are_removed(
     assert {r["modality"] for r in predictions(run, 0)} == {"MRI", "CT"}
     assert sorted(m["modality"] for m in metrics(run, 0)) == ["CT", "MRI"]
     assert mismatches(run.store) == 0
+
+
+class Watching(FakeBackend):
+    """A fake backend that, before each generate call, notes which modalities another process
+    would find committed (a fresh read of the file)."""
+
+    def __init__(self, db: Path, fail_after: int | None = None) -> None:
+        super().__init__(fail_after)
+        self.db = db
+        self.seen: list[set[str]] = []
+
+    def generate(self, requests: Sequence[Any], sampling: Any, *, desc: str = "") -> Any:
+        rows = Store(self.db).read("eval_predictions", columns=["modality"])
+        self.seen.append(set(rows.column("modality").to_pylist()))
+        return super().generate(requests, sampling, desc=desc)
+
+
+def test_finished_modalities_commit_together_within_the_commit_interval(
+    tmp_path: Path, curated_bundled: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kepo.evaluate as evaluation
+
+    run = make_run(tmp_path / "batched", curated_bundled, tmp_path / "m")
+    writes: list[list[str]] = []
+    real = Store.replace_rows
+
+    def counted(self: Store, tables: Any, *, where: Any) -> Any:
+        if "eval_predictions" in tables:  # not the metrics recomputed at the end
+            writes.append(list(where["modality"]))
+        return real(self, tables, where=where)
+
+    monkeypatch.setattr(Store, "replace_rows", counted)
+    backend = Watching(run.store.path)
+    result = evaluate(run, 0, backend=backend)  # well within COMMIT_EVERY_S: one commit
+    assert writes == [list(MODALITIES)] and result.evaluated_modalities == list(MODALITIES)
+    assert backend.seen == [set()] * 8
+    assert mismatches(run.store) == 0
+
+    monkeypatch.setattr(evaluation, "COMMIT_EVERY_S", 0.0)  # every modality commits alone
+    writes.clear()
+    run = make_run(tmp_path / "each", curated_bundled, tmp_path / "m")
+    backend = Watching(run.store.path)
+    result = evaluate(run, 0, backend=backend)
+    assert writes == [[m] for m in MODALITIES] and result.evaluated_modalities == list(MODALITIES)
+    assert backend.seen == [set(MODALITIES[:i]) for i in range(8)]
+    assert mismatches(run.store) == 0
+
+
+def test_a_failing_modality_commits_the_finished_ones_before_the_error(
+    tmp_path: Path, curated_bundled: Path
+) -> None:
+    run = make_run(tmp_path, curated_bundled, tmp_path / "m")
+    backend = Watching(run.store.path, fail_after=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate(run, 0, backend=backend)
+    assert backend.seen == [set()] * 4  # nothing committed while generating ...
+    assert {r["modality"] for r in predictions(run, 0)} == set(MODALITIES[:3])  # ... then these
+    assert len(metrics(run, 0)) == 3 and mismatches(run.store) == 0
+    result = evaluate(run, 0, backend=FakeBackend())
+    assert result.skipped_modalities == list(MODALITIES[:3])
+    assert result.evaluated_modalities == list(MODALITIES[3:])
