@@ -836,11 +836,15 @@ def vision_once_per_image(
     (and the deepstack features) are handed to every row through the model's
     `mm_encoder_outputs` argument (`image_features_for_rows`). `image_keys[b]` names row b's
     image (its prompt id). The batch comes back unchanged when no image repeats, when some row
-    has no image, or when the model takes no precomputed features.
+    has no image, when the model takes no precomputed features, or when it is sharded (FSDP:
+    its vision tower holds shards outside the model's forward).
     """
+    from kepo.sharded import is_fsdp_module
+
     grid = batch.get("image_grid_thw")
     if (
-        grid is None
+        is_fsdp_module(model)
+        or grid is None
         or "pixel_values" not in batch
         or _image_encoder(model) is None
         or grid.shape[0] != len(image_keys)

@@ -31,6 +31,17 @@ def sharded(accelerator: Any) -> bool:
     return accelerator.distributed_type.name == "FSDP"
 
 
+def is_fsdp_module(model: Any) -> bool:
+    """Whether `model` is sharded by FSDP2 (`fully_shard`). Its root parameters are gathered
+    only inside its own forward: a submodule called from outside (the vision tower, the inner
+    language model) sees shards, so such shortcuts take the model's forward instead."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _options() -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
