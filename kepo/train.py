@@ -65,7 +65,7 @@ iteration resumes from them, so the small updates are not lost; a version withou
 resumes from its saved (rounded) weights, with a warning. The rollout/evaluation stages cast the
 weights to `models.dtype` on load.
 
-Outputs (main process only): version k + 1 in `run.new_checkpoint_dir(k + 1)` (`policy-NNNN`,
+Outputs (main process only; under FSDP gathered from the shards first): version k + 1 in `run.new_checkpoint_dir(k + 1)` (`policy-NNNN`,
 or `policy-NNNN-2`, ... beside a recorded copy) — the model via `save_pretrained`, the
 processor/tokenizer files copied byte for byte from version k's folder (the image-only
 processor kepo builds without torchvision would otherwise write a processor class only kepo
@@ -76,7 +76,9 @@ new, record, remove old). Older versions' optimizer state and folders (train.kee
 are removed by the stage runner once the stage is recorded as succeeded (`kepo.checkpoints`).
 
 Several processes: `train.launcher: accelerate` with `train.num_processes: N` (and
-`train.strategy: ddp`). The training stage's process, which holds the stage's lease and writes
+`train.strategy: ddp`, or `fsdp` on GPUs: the student sharded by Accelerate's FSDP2, its full
+weights and AdamW state gathered on every rank for the checkpoint and a resumed AdamW state
+loaded into the shards, `kepo.sharded`). The training stage's process, which holds the stage's lease and writes
 its `stages` row, then runs `accelerate launch ... -m kepo.train_stage --db FILE --run R
 --iteration K` (kepo/launch.py; GPUs, and also a CPU-only machine, where models.device: cpu
 makes every process a CPU process talking gloo) and waits; `kepo run`, the flows and

@@ -1,5 +1,6 @@
-"""One rank of tests/test_train_sharded.py: `torchrun --nproc_per_node 2 sharded_worker.py
-STUDENT_DIR OUT_DIR` (gloo, CPU).
+"""One rank of tests/test_train_sharded.py (gloo, CPU), in one of two modes:
+
+`torchrun --nproc_per_node 2 sharded_worker.py STUDENT_DIR OUT_DIR`: the helpers alone.
 
 Each rank loads the tiny student, shards it with FSDP2 as Accelerate's TRANSFORMER_BASED_WRAP
 does (one `fully_shard` per decoder layer class in `_no_split_modules`, then the root), takes
@@ -8,6 +9,12 @@ one-process gradient), gathers the full weights and optimizer state (`kepo.shard
 writes them (`step1.pt`, and the weights as a Hugging Face folder through `save_model`). Then a
 fresh sharded model starts from those weights, loads the gathered optimizer state back
 (`load_full_optimizer_state`), steps on `batch(2)`, and rank 0 writes `step2.pt`.
+
+`torchrun --nproc_per_node 2 sharded_worker.py --train DB RUN ITERATION`: the trainer
+(`train_iteration`) under Accelerate's own FSDP2 `prepare`. On the CPU Accelerate runs an FSDP
+launch as MULTI_CPU (DDP), so `fsdp_accelerator` sets the distributed type and plugin that an
+FSDP launch on GPUs sets; everything after that (sharding, no_sync, clipping, the checkpoint)
+is Accelerate's and the trainer's code.
 """
 
 from __future__ import annotations
@@ -98,5 +105,41 @@ def main(student: Path, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def fsdp_accelerator() -> object:
+    """An Accelerator running FSDP2 as `train.strategy: fsdp` configures it (kepo/launch.py:
+    TRANSFORMER_BASED_WRAP, reshard after forward, full state dict), forced on the CPU."""
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+    )
+    accelerator = Accelerator(cpu=True)
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    assert accelerator.is_fsdp2 and accelerator.num_processes == 2
+    return accelerator
+
+
+def train(db: Path, run_id: str, iteration: int) -> None:
+    import logging
+
+    from kepo.run import Run
+    from kepo.train import train_iteration
+
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(1)
+    train_iteration(Run.open(db, run_id), iteration, accelerator=fsdp_accelerator())
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "--train":
+        train(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))
