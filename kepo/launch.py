@@ -25,13 +25,15 @@ one per call) and reads the result back from the store afterwards (`result_from_
 
 Sharded strategies. Measured on the CPU (accelerate 1.16, torch 2.13): an Accelerate FSDP
 launch with `Accelerator(cpu=True)` silently runs as DDP (distributed_type MULTI_CPU, the model
-wrapped in DistributedDataParallel, parameters not sharded). On GPUs the config files above are
-what Accelerate needs, but the trainer writes the checkpoint and the AdamW state from the main
-process alone, which under FSDP / ZeRO-3 holds only its shard. So `check_launch` refuses fsdp
-and deepspeed_zero3 (naming why), and `kepo.train.make_accelerator` refuses any Accelerator
-that does not run the configured strategy. What is missing: the full state dict gathered on
-every rank (`Accelerator.get_state_dict`) and the optimizer state dict of the sharded optimizer
-for `optimizer.pt`, then a GPU test.
+wrapped in DistributedDataParallel, parameters not sharded), so `check_launch` refuses fsdp and
+deepspeed_zero3 on the CPU, and `kepo.train.make_accelerator` refuses any Accelerator that does
+not run the configured strategy. On GPUs fsdp is accepted: the trainer gathers the full weights
+and AdamW state on every rank for its checkpoint and loads a resumed AdamW state into the shards
+(`kepo.sharded`); tests/test_train_sharded.py proves that with torch FSDP2 on two CPU ranks and
+with the trainer under Accelerate's FSDP2 `prepare` forced on the CPU, not on GPUs. Only the
+student is sharded: an online teacher is still a full copy per process. deepspeed_zero3 stays
+refused: DeepSpeed keeps the optimizer inside its engine, out of reach of those helpers, and it
+is not installed in the tested environment.
 
 `KEPO_FAIL_RANK=<rank>:raise|exit` is a test hook (fault injection, like
 `KEPO_FAIL_SHARD_ONCE` of flows/runners.py): that rank raises, or leaves with `os._exit(3)`,
@@ -80,9 +82,9 @@ DEEPSPEED_HINT = "pip install deepspeed (on a CUDA machine; it builds its ops ag
 def check_launch(cfg: RunConfig) -> None:
     """Refuse, in one line naming the setting, a training launch that cannot run here.
 
-    ddp runs anywhere. fsdp and deepspeed_zero3 are refused: on the CPU Accelerate runs them
-    as plain DDP (measured), and on GPUs the trainer does not yet gather the sharded weights
-    and AdamW state for its checkpoint (it writes them from the main process alone).
+    ddp runs anywhere; fsdp on GPUs. On the CPU Accelerate runs an fsdp or deepspeed_zero3
+    launch as plain DDP (measured), and deepspeed_zero3 is not supported yet (the trainer
+    gathers sharded checkpoints and AdamW state for FSDP only).
     """
     from kepo.models import resolve_device
 
@@ -95,14 +97,16 @@ def check_launch(cfg: RunConfig) -> None:
             f"{train.strategy} launch as plain DDP (measured: distributed_type MULTI_CPU, model "
             "wrapped in DistributedDataParallel, nothing sharded); set train.strategy: ddp"
         )
+    if train.strategy == "fsdp":
+        return
     missing = ""
-    if train.strategy == "deepspeed_zero3" and importlib.util.find_spec("deepspeed") is None:
+    if importlib.util.find_spec("deepspeed") is None:
         missing = f"; it also needs DeepSpeed, which is not installed ({DEEPSPEED_HINT})"
     raise LaunchError(
-        f"train.strategy={train.strategy} is not supported yet: the trainer writes its "
-        "checkpoint and AdamW state from the main process, which does not hold the sharded "
-        f"weights{missing}; set train.strategy: ddp (a full copy per process), and "
-        "algorithm.distill.mode: offline to keep the teacher out of training"
+        f"train.strategy={train.strategy} is not supported yet: the trainer gathers the sharded "
+        "weights and AdamW state for its checkpoint under FSDP only (DeepSpeed keeps the "
+        f"optimizer inside its engine){missing}; set train.strategy: fsdp or ddp (a full copy "
+        "per process), and algorithm.distill.mode: offline to keep the teacher out of training"
     )
 
 

@@ -431,11 +431,13 @@ def save_model(
     *,
     extra: Mapping[str, Any] | None = None,
     dtype: str | torch.dtype | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` as a complete Hugging Face folder `out_dir`, visible only when complete.
 
     The weights via `save_pretrained` (cast to `dtype` when given, the model itself untouched;
-    config.json then names that dtype), the processor/tokenizer files of `source_dir` copied
+    config.json then names that dtype; `state_dict` instead of the model's own, e.g. the full
+    weights gathered from a sharded model, `kepo.sharded.full_model_state`), the processor/tokenizer files of `source_dir` copied
     verbatim, and `extra` ({file name: object}) with torch.save; all into a temporary sibling
     folder (named after this process, so two writers never share it) renamed to `out_dir` at
     the end. An existing `out_dir` is replaced.
@@ -451,10 +453,13 @@ def save_model(
     try:
         target = resolve_dtype(dtype) if dtype is not None else None
         if target is None or all(p.dtype == target for p in model.parameters()):
-            model.save_pretrained(tmp, safe_serialization=True)
+            given = {} if state_dict is None else {"state_dict": dict(state_dict)}
+            model.save_pretrained(tmp, safe_serialization=True, **given)
         else:
             model.save_pretrained(
-                tmp, safe_serialization=True, state_dict=cast_state_dict(model, target)
+                tmp,
+                safe_serialization=True,
+                state_dict=cast_state_dict(model, target, state_dict=state_dict),
             )
             config_file = tmp / "config.json"
             config = json.loads(config_file.read_text())
@@ -480,14 +485,21 @@ def save_model(
     return out_dir
 
 
-def cast_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's state dict with floating tensors cast to `dtype` on the CPU; tensors that
-    share storage (tied embeddings) stay shared, and modules the model keeps in float32
-    (`_keep_in_fp32_modules`) stay float32."""
+def cast_state_dict(
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    *,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The model's state dict (or `state_dict`, the model's full weights gathered elsewhere)
+    with floating tensors cast to `dtype` on the CPU; tensors that share storage (tied
+    embeddings) stay shared, and modules the model keeps in float32 (`_keep_in_fp32_modules`)
+    stay float32."""
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     cast: dict[tuple, torch.Tensor] = {}
     out = {}
-    for name, tensor in model.state_dict().items():
+    source = model.state_dict() if state_dict is None else state_dict
+    for name, tensor in source.items():
         if not tensor.is_floating_point() or any(m in name.split(".") for m in keep_fp32):
             out[name] = tensor
             continue
@@ -824,11 +836,15 @@ def vision_once_per_image(
     (and the deepstack features) are handed to every row through the model's
     `mm_encoder_outputs` argument (`image_features_for_rows`). `image_keys[b]` names row b's
     image (its prompt id). The batch comes back unchanged when no image repeats, when some row
-    has no image, or when the model takes no precomputed features.
+    has no image, when the model takes no precomputed features, or when it is sharded (FSDP:
+    its vision tower holds shards outside the model's forward).
     """
+    from kepo.sharded import is_fsdp_module
+
     grid = batch.get("image_grid_thw")
     if (
-        grid is None
+        is_fsdp_module(model)
+        or grid is None
         or "pixel_values" not in batch
         or _image_encoder(model) is None
         or grid.shape[0] != len(image_keys)

@@ -65,7 +65,7 @@ iteration resumes from them, so the small updates are not lost; a version withou
 resumes from its saved (rounded) weights, with a warning. The rollout/evaluation stages cast the
 weights to `models.dtype` on load.
 
-Outputs (main process only): version k + 1 in `run.new_checkpoint_dir(k + 1)` (`policy-NNNN`,
+Outputs (main process only; under FSDP gathered from the shards first): version k + 1 in `run.new_checkpoint_dir(k + 1)` (`policy-NNNN`,
 or `policy-NNNN-2`, ... beside a recorded copy) — the model via `save_pretrained`, the
 processor/tokenizer files copied byte for byte from version k's folder (the image-only
 processor kepo builds without torchvision would otherwise write a processor class only kepo
@@ -76,7 +76,9 @@ new, record, remove old). Older versions' optimizer state and folders (train.kee
 are removed by the stage runner once the stage is recorded as succeeded (`kepo.checkpoints`).
 
 Several processes: `train.launcher: accelerate` with `train.num_processes: N` (and
-`train.strategy: ddp`). The training stage's process, which holds the stage's lease and writes
+`train.strategy: ddp`, or `fsdp` on GPUs: the student sharded by Accelerate's FSDP2, its full
+weights and AdamW state gathered on every rank for the checkpoint and a resumed AdamW state
+loaded into the shards, `kepo.sharded`). The training stage's process, which holds the stage's lease and writes
 its `stages` row, then runs `accelerate launch ... -m kepo.train_stage --db FILE --run R
 --iteration K` (kepo/launch.py; GPUs, and also a CPU-only machine, where models.device: cpu
 makes every process a CPU process talking gloo) and waits; `kepo run`, the flows and
@@ -140,6 +142,13 @@ from kepo.progress import progress
 from kepo.prompts import PromptItem, build_messages, build_prompt_text
 from kepo.ranks import fail_rank_hook
 from kepo.run import Run
+from kepo.sharded import (
+    full_model_state,
+    full_optimizer_state,
+    is_fsdp_module,
+    load_full_optimizer_state,
+    sharded,
+)
 from kepo.tracking import export_train_steps, open_trackers
 
 log = logging.getLogger(__name__)
@@ -666,11 +675,24 @@ def completion_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tenso
     logits: the same forward (through any DDP wrapper) with the LM head swapped for identity."""
     inner = model.module if hasattr(model, "module") else model
     head = inner.lm_head
+    if is_fsdp_module(head):
+        # Accelerate's FSDP2 shards the LM head as a unit of its own: it stays in the module
+        # tree (where FSDP finds its state) and runs its hooks, which gather its weight for
+        # the chunked head and reduce its gradient in the backward; only its matmul is skipped.
+        head.forward = _identity
+        try:
+            return completion_logits(model, batch)
+        finally:
+            del head.forward
     inner.lm_head = torch.nn.Identity()
     try:
         return completion_logits(model, batch)
     finally:
         inner.lm_head = head
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
 
 
 def shared_prompt_hidden(
@@ -689,13 +711,16 @@ def shared_prompt_hidden(
 
     None (the caller runs the one-pass forward) when no prompt repeats, when rows with one key
     differ in their prompt tokens, when some row has no image while others do, under a DDP
-    wrapper (two forwards per backward) or with gradient checkpointing (no cache in training).
+    wrapper (two forwards per backward), for an FSDP-sharded model (the inner model called
+    outside the model's forward sees shards) or with gradient checkpointing (no cache in
+    training).
     """
     inner = getattr(model, "model", None)
     rope_index = getattr(inner, "get_rope_index", None)
     cache_name = cache_argument(inner) if inner is not None else None
     if (
         hasattr(model, "module")
+        or is_fsdp_module(model)
         or inner is None
         or rope_index is None
         or cache_name is None
@@ -779,7 +804,13 @@ def _lm_head_weight(model: Any) -> torch.Tensor:
             "the chunked log-prob path expects an LM head without bias; set "
             "train.logits_chunk_elements: null"
         )
-    return inner.lm_head.weight  # (V, H)
+    weight = inner.lm_head.weight  # (V, H)
+    if is_fsdp_module(inner.lm_head) and not isinstance(weight, torch.nn.Parameter):
+        raise RuntimeError(
+            "the sharded LM head is not gathered: its (identity) forward in completion_hidden "
+            "must run before its weight is used"
+        )
+    return weight
 
 
 def _student_terms(
@@ -1036,11 +1067,20 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
         betas=tuple(cfg.train.adam_betas),
         weight_decay=cfg.train.weight_decay,
     )
-    if previous_state is not None:
+    shards = sharded(accelerator)  # FSDP: each rank holds a shard of weights and AdamW state
+    if previous_state is not None and not shards:
         optimizer.load_state_dict(previous_state["optimizer"])
         log.info("loaded AdamW state of version %d from %s", iteration, previous)
+    resume_optimizer = (
+        previous_state["optimizer"] if previous_state is not None and shards else None
+    )
     del previous_state
     model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_optimizer is not None:
+        # into the sharded optimizer, after prepare: collective, every rank passes the full state
+        load_full_optimizer_state(model, optimizer, resume_optimizer)
+        log.info("loaded AdamW state of version %d from %s into its shards", iteration, previous)
+        del resume_optimizer
 
     n_proc = accelerator.num_processes
     spec = spec_for(cfg.algorithm)
@@ -1089,6 +1129,13 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
 
     accelerator.wait_for_everyone()
     version = iteration + 1
+    full_weights = full_optimizer = None
+    if shards:
+        # Gathered on EVERY rank (collective calls; the main process alone would wait forever),
+        # kept by the main process only.
+        full_weights = full_model_state(model)
+        if cfg.train.save_optimizer:
+            full_optimizer = full_optimizer_state(model, optimizer)
     if accelerator.is_main_process:
         last_global = step_rows[-1]["global_step"] if step_rows else iteration * nominal - 1
         trained = accelerator.unwrap_model(model).eval()
@@ -1098,10 +1145,12 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
             p.is_floating_point() and loses_precision(p.dtype, resolve_dtype(save_dtype))
             for p in trained.parameters()
         )
-        master = {"master_weights": trained.state_dict()} if lossy else {}
+        master = {}
+        if lossy:
+            master["master_weights"] = full_weights if shards else trained.state_dict()
         optimizer_state = (
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer.state_dict() if full_optimizer is None else full_optimizer,
                 "scheduler": {
                     "schedule": cfg.train.lr_schedule,
                     "warmup_steps": cfg.train.warmup_steps_for(total_steps),
@@ -1123,6 +1172,7 @@ def train_iteration(run: Run, iteration: int, *, accelerator: Any = None) -> Tra
             run.new_checkpoint_dir(version),
             extra={OPTIMIZER_FILE: optimizer_state} if optimizer_state is not None else None,
             dtype=save_dtype,
+            state_dict=full_weights,
         )
         optimizer_path = out_dir / OPTIMIZER_FILE if optimizer_state is not None else None
         run.store.overwrite_partition("train_steps", step_rows, run.run_id, iteration)
